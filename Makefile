@@ -1,0 +1,51 @@
+# The two commands a new user runs: `make demo` and `make test`. Both create .venv when needed.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CACHE ?= $(CURDIR)/.cache/apollo_ds
+DATA := $(CACHE)/data
+export DS_ACCELERATOR ?= cpu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv data demo test test-all test-slow bench clean
+
+venv: $(STAMP)
+$(STAMP): setup.py
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	# torch first: the pinned CPU wheel; later packages must not pull a CUDA build.
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(VPY) -m pip install -q -e '.[mpi,test]'
+	touch $(STAMP)
+
+# Corpus -> tokenizer -> indexed dataset; each step is skipped when its output exists.
+data: $(STAMP)
+	$(VPY) data_prep/fetch_corpus.py --out-dir $(DATA)
+	test -f $(DATA)/spm8k.model || $(VPY) data_prep/train_tokenizer.py --input $(DATA)/corpus.txt \
+		--vocab-size 8192 --model-prefix $(DATA)/spm8k
+	test -f $(DATA)/corpus.idx || $(VPY) data_prep/preprocess_data.py \
+		--input $(DATA)/corpus.txt --tokenizer-model $(DATA)/spm8k.model \
+		--output-prefix $(DATA)/corpus --workers 2 --append-eod
+
+demo: data
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 2 apollo_ds/pretrain.py \
+		--config configs/tiny_cpu.yaml \
+		data.prefix=$(DATA)/corpus data.tokenizer=$(DATA)/spm8k.model \
+		train.out_dir=runs/demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests -m "not slow"
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q tests -m slow
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+bench: data
+	$(VPY) benchmarks/throughput.py --data-prefix $(DATA)/corpus --tokenizer $(DATA)/spm8k.model
+
+clean:
+	rm -rf runs build *.egg-info

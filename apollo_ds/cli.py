@@ -1,0 +1,121 @@
+"""``apollo-ds`` console script.
+
+    apollo-ds plan --config configs/X.yaml [section.key=value ...] [--json]
+
+``plan`` prints the stage schedule of a run (unique layers, step ranges, the exact depth
+distribution of each stage) and the expected training FLOPs relative to full-depth training.
+It needs no data, tokenizer or DeepSpeed config, so it validates with check_files=False.
+Configuration errors print one line to stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from apollo_ds.apollo import StageSchedule
+from apollo_ds.config import ConfigError, RunConfig, load_config, validate
+from apollo_ds.flops import train_flops
+
+
+def plan_summary(cfg: RunConfig) -> dict:
+    """The plan as plain data (the --json output). ``cfg`` must be validated."""
+    sched = StageSchedule(cfg)
+    m, t = cfg.model, cfg.train
+    L = m.layers
+    tokens_per_step = t.global_batch * m.seq_len
+    full = train_flops(m, L, tokens_per_step, cfg.parallel.tp)
+    stages, run_flops = [], 0.0
+    for k in range(sched.num_stages):
+        pmf = sched.stage_pmf(k)
+        # expected per-step FLOPs: train_flops is affine in depth, so average over the pmf
+        step_flops = sum(p * train_flops(m, d, tokens_per_step, cfg.parallel.tp)
+                         for d, p in pmf.items())
+        start, end = sched.start_step(k), sched.end_step(k)
+        run_flops += (end - start + 1) * step_flops
+        stages.append({
+            "index": k,
+            "unique": sched.unique[k],
+            "start_step": start,
+            "end_step": end,
+            "depth_pmf": {str(d): p for d, p in pmf.items()},
+            "expected_depth": sched.stage_expected_depth(k),
+            "relative_flops": step_flops / full,
+        })
+    return {
+        "layers": L,
+        "enabled": sched.enabled,
+        "sampler": cfg.apollo.sampler,
+        "grow": cfg.apollo.grow,
+        "steps": t.steps,
+        "tokens_per_step": tokens_per_step,
+        "stages": stages,
+        "full_depth_flops": full * t.steps,
+        "expected_flops": run_flops,
+        "relative_flops": run_flops / (full * t.steps),
+    }
+
+
+def _format_plan(s: dict) -> str:
+    mode = (f"Apollo on, sampler {s['sampler']}, grow {s['grow']}" if s["enabled"]
+            else "Apollo off (full depth)")
+    lines = [f"plan: L={s['layers']} layers, {s['steps']} steps, "
+             f"{s['tokens_per_step']} tokens/step, {mode}",
+             f"{'stage':>5} {'unique':>6} {'steps':>15} {'E[d]':>6} {'rel.FLOPs':>9}  "
+             f"depth pmf (d:p)"]
+    for st in s["stages"]:
+        pmf = " ".join(f"{d}:{p:.3f}" for d, p in st["depth_pmf"].items())
+        rng = f"{st['start_step']}-{st['end_step']}"
+        lines.append(f"{st['index']:>5} {st['unique']:>6} {rng:>15} "
+                     f"{st['expected_depth']:>6.2f} {st['relative_flops']:>9.3f}  {pmf}")
+    rel = s["relative_flops"]
+    lines.append(f"expected training FLOPs relative to full depth: {rel:.4f} "
+                 f"(saving {100 * (1 - rel):.1f}%)")
+    return "\n".join(lines)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, check_files=False)      # plan needs no data / tokenizer / DeepSpeed files
+    summary = plan_summary(cfg)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_format_plan(summary))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="apollo-ds",
+                                description="Apollo progressive GPT pretraining tools")
+    sub = p.add_subparsers(dest="command", required=True)
+    pl = sub.add_parser("plan", help="print the stage schedule, depth distributions and "
+                                     "expected FLOPs of a config")
+    pl.add_argument("--config", default=None, help="YAML preset (configs/*.yaml)")
+    pl.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="config overrides, e.g. model.layers=6 apollo.stages=[1,3,6]")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (argparse usage errors exit 2 themselves)."""
+    parser = _parser()
+    # parse_known_args: overrides may come after --json too (argparse alone would refuse a
+    # positional split by an option); anything left that looks like an option is an error.
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"apollo-ds {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""One configuration tree for a run: model / apollo / parallel / data / train.
+
+Loaded from a YAML preset (configs/*.yaml), then dotted command-line overrides such as
+``model.layers=6 apollo.stages=[1,3,6]`` are applied, then ``validate`` runs once. Every
+refusal is a ``ConfigError`` whose message names the setting and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+SAMPLERS = ("lvps", "uniform", "sigmoid", "constant_high", "constant_low")
+GROW_METHODS = ("interpolate", "stack")
+OPTIMIZER_STATE_MODES = ("copy", "reset")
+OPTIMIZERS = ("adamw", "torch_adam")
+
+
+class ConfigError(ValueError):
+    """A bad setting, refused before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    layers: int = 4                 # final (full) depth L
+    hidden: int = 128
+    heads: int = 4
+    seq_len: int = 128
+    vocab_size: int = 2048          # tokenizer vocabulary; padded internally for TP
+    ffn_mult: int = 4
+    dropout: float = 0.0
+    init_std: float = 0.02
+    layernorm_eps: float = 1e-5
+    pad_vocab_to: int = 128         # pad to a multiple of pad_vocab_to * tp
+
+
+@dataclass
+class ApolloConfig:
+    enabled: bool = False
+    stages: list = field(default_factory=list)       # unique-layer counts, last == model.layers
+    stage_ends: list = field(default_factory=list)   # fractions of train.steps, or step numbers
+    sampler: str = "lvps"
+    grow: str = "interpolate"
+    optimizer_state: str = "copy"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class DataConfig:
+    # Either one prefix, or a Megatron-style blend list [weight, prefix, weight, prefix, ...].
+    prefix: Any = None
+    tokenizer: str | None = None    # SentencePiece .model file
+    split: str = "98,2,0"
+    cache_dir: str | None = None    # index cache; default <out_dir>/index_cache
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch: int = 4
+    global_batch: int = 8
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup: float = 0.025           # fraction of steps (<1) or a number of steps (>=1)
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"        # adamw: torch AdamW object; torch_adam: DeepSpeed config AdamW
+    seed: int = 1234
+    out_dir: str = "runs/default"
+    save_interval: int = 0          # 0: only at the end
+    eval_interval: int = 0          # 0: only at the end
+    eval_iters: int = 4             # micro-batches per evaluation
+    log_interval: int = 10
+    deepspeed_config: str = "ds_configs/zero1_fp32.json"
+    stop_after: int = 0             # >0: stop (with a checkpoint) after this step; for tests
+    check_plan_agreement: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    apollo: ApolloConfig = field(default_factory=ApolloConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_classes():
+    return {"model": ModelConfig, "apollo": ApolloConfig, "parallel": ParallelConfig,
+            "data": DataConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """Keep YAML's typing, but turn ints given for float settings into floats and refuse
+    obviously wrong types (a string for a number)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key}={value!r}: expected true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{section}.{key}={value!r}: expected an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{section}.{key}={value!r}: expected a number")
+        return float(value)
+    if isinstance(default, list) and not isinstance(value, list):
+        raise ConfigError(f"{section}.{key}={value!r}: expected a list such as [1,3,6]")
+    return value
+
+
+def _apply(cfg: RunConfig, section: str, key: str, value: Any, origin: str) -> None:
+    classes = _section_classes()
+    if section not in classes:
+        raise ConfigError(f"unknown config section '{section}' in {origin}; "
+                          f"sections are: {', '.join(classes)}")
+    sec = getattr(cfg, section)
+    names = {f.name for f in dataclasses.fields(sec)}
+    if key not in names:
+        raise ConfigError(f"unknown config key '{section}.{key}' in {origin}; "
+                          f"known keys of '{section}': {', '.join(sorted(names))}")
+    setattr(sec, key, _coerce(section, key, value, getattr(classes[section](), key)))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"bad override '{text}': write section.key=value, e.g. model.layers=6")
+    path, raw = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Preset file, then overrides; not yet validated (call ``validate``)."""
+    cfg = RunConfig()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path} (presets live in configs/)")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"section '{section}' in {path} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, path)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _apply(cfg, section, key, value, "command-line override")
+    if not cfg.apollo.stages:
+        cfg.apollo.stages = [cfg.model.layers]
+    return cfg
+
+
+def stage_end_steps(cfg: RunConfig) -> list[int]:
+    """Last optimizer step (1-based, inclusive) of every stage; the last stage ends at
+    train.steps. Fractions (floats < 1) are of train.steps; integers are step numbers."""
+    steps = cfg.train.steps
+    ends = []
+    for e in cfg.apollo.stage_ends:
+        if isinstance(e, float) and e < 1.0:
+            ends.append(int(round(e * steps)))
+        else:
+            ends.append(int(e))
+    return ends + [steps]
+
+
+def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = True) -> RunConfig:
+    """Refuse bad settings with one clear ConfigError. ``check_files=False`` skips the checks
+    that files exist (used by ``apollo-ds plan``, which needs no data)."""
+    m, a, p, d, t = cfg.model, cfg.apollo, cfg.parallel, cfg.data, cfg.train
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in ("layers", "hidden", "heads", "seq_len", "vocab_size", "ffn_mult"):
+        need(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
+    need(m.hidden % m.heads == 0,
+         f"model.heads={m.heads} does not divide model.hidden={m.hidden}; pick heads so "
+         f"hidden/heads is an integer")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+
+    need(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
+    need(m.heads % p.tp == 0,
+         f"parallel.tp={p.tp} does not divide model.heads={m.heads}; use a tp that divides it")
+    need(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallelism is not supported yet; "
+         "supported: pp=1 with tp in {1,2,...} dividing model.heads and ZeRO 0/1/2/3")
+    if world_size is not None:
+        need(world_size % (p.tp * p.pp) == 0,
+             f"world size {world_size} is not a multiple of parallel.tp*parallel.pp="
+             f"{p.tp * p.pp}; launch tp*pp*dp processes")
+
+    need(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    need(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
+    need(t.global_batch >= 1, f"train.global_batch={t.global_batch} must be >= 1")
+    dp = (world_size // (p.tp * p.pp)) if world_size else 1
+    need(t.global_batch % (t.micro_batch * dp) == 0,
+         f"train.global_batch={t.global_batch} is not divisible by train.micro_batch="
+         f"{t.micro_batch} x data-parallel size {dp}; make it a multiple of "
+         f"{t.micro_batch * dp}")
+    need(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    need(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr]")
+    need(t.warmup >= 0, f"train.warmup={t.warmup} must be >= 0")
+    need(t.optimizer in OPTIMIZERS, f"train.optimizer='{t.optimizer}' is unknown; "
+         f"choose one of {', '.join(OPTIMIZERS)}")
+    for name in ("save_interval", "eval_interval", "stop_after"):
+        need(getattr(t, name) >= 0, f"train.{name} must be >= 0")
+    need(t.log_interval >= 1, "train.log_interval must be >= 1")
+    need(t.eval_iters >= 1, "train.eval_iters must be >= 1")
+    need(not check_files or os.path.isfile(t.deepspeed_config),
+         f"DeepSpeed config not found: {t.deepspeed_config} (train.deepspeed_config or "
+         f"--deepspeed_config; shipped ones are in ds_configs/)")
+
+    need(not check_files or d.prefix not in (None, "", []),
+         "data.prefix is not set: give the indexed dataset prefix (PATH for PATH.bin/PATH.idx),"
+         " e.g. data.prefix=data_cache/corpus_text_document (make data builds one)")
+    need(not check_files or d.tokenizer not in (None, ""),
+         "data.tokenizer is not set: give the SentencePiece .model file")
+
+    need(a.sampler in SAMPLERS, f"apollo.sampler='{a.sampler}' is unknown; choose one of "
+         f"{', '.join(SAMPLERS)}")
+    need(a.grow in GROW_METHODS, f"apollo.grow='{a.grow}' is unknown; choose one of "
+         f"{', '.join(GROW_METHODS)}")
+    need(a.optimizer_state in OPTIMIZER_STATE_MODES,
+         f"apollo.optimizer_state='{a.optimizer_state}' is unknown; choose one of "
+         f"{', '.join(OPTIMIZER_STATE_MODES)}")
+    if not a.enabled:
+        a.stages, a.stage_ends = [m.layers], []
+    st = a.stages
+    need(all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in st),
+         f"apollo.stages={st} must be positive integers")
+    need(all(x < y for x, y in zip(st, st[1:])),
+         f"apollo.stages={st} must strictly increase (unique-layer counts grow each stage)")
+    need(st[-1] == m.layers, f"apollo.stages={st}: the last stage must equal model.layers="
+         f"{m.layers}")
+    need(len(a.stage_ends) == len(st) - 1,
+         f"apollo.stage_ends={a.stage_ends} must have one entry per stage but the last "
+         f"({len(st) - 1} for apollo.stages={st})")
+    need(all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
+             for e in a.stage_ends),
+         f"apollo.stage_ends={a.stage_ends} must be positive fractions of train.steps or "
+         f"step numbers")
+    ends = stage_end_steps(cfg)
+    need(all(x < y for x, y in zip(ends, ends[1:])),
+         f"apollo.stage_ends={a.stage_ends} (steps {ends[:-1]}) must be in increasing order "
+         f"and end before train.steps={t.steps}")
+    need(ends[0] >= 1, f"apollo.stage_ends={a.stage_ends}: the first stage ends at step "
+         f"{ends[0]}; every stage needs at least one step")
+    return cfg

@@ -1,0 +1,132 @@
+"""GPT-2 (pre-LN, GELU MLP of 4h, learned positions, tied embeddings) whose transformer layers
+live in a pool of unique layers. ``forward`` takes a layer map, the pool indices to run in
+order, so Apollo's depth plans (or a plain [0..L-1] stack) plug in without model changes.
+
+Tensor parallelism comes from megatron-core's layers: QKV and fc1 are column-parallel, the
+attention output and fc2 row-parallel, the embedding vocab-parallel and tied to the LM head,
+and the loss is megatron-core's vocab-parallel cross entropy. The QKV output is laid out per
+head as [heads, 3, head_dim], so a TP rank's column slice holds whole heads.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from torch import nn
+
+from apollo_ds.config import ModelConfig
+
+
+def padded_vocab_size(vocab: int, pad_to: int, tp: int) -> int:
+    multiple = pad_to * tp
+    return ((vocab + multiple - 1) // multiple) * multiple
+
+
+def _mp_config(dtype: torch.dtype) -> ModelParallelConfig:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    # Weights are created on CPU and initialised by apollo_ds.model.init (layout-independent);
+    # the trainer moves the model to its device.
+    return ModelParallelConfig(tensor_model_parallel_size=tp, params_dtype=dtype,
+                               use_cpu_initialization=True, perform_initialization=False,
+                               gradient_accumulation_fusion=False)
+
+
+def _mark_tp(linear: nn.Module, dim: int) -> None:
+    # perform_initialization=False skips megatron's init, which is where it tags weights.
+    set_tensor_model_parallel_attributes(linear.weight, True, dim, 1)
+
+
+def _no_init(*_args, **_kwargs):
+    return None
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        h = cfg.hidden
+        self.local_heads = cfg.heads // tp
+        self.head_dim = h // cfg.heads
+        self.dropout = cfg.dropout
+        self.input_norm = nn.LayerNorm(h, eps=cfg.layernorm_eps)
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            h, 3 * h, config=mp, init_method=_no_init, bias=True, gather_output=False)
+        self.proj = tensor_parallel.RowParallelLinear(
+            h, h, config=mp, init_method=_no_init, bias=True, input_is_parallel=True,
+            skip_bias_add=False)
+        self.mlp_norm = nn.LayerNorm(h, eps=cfg.layernorm_eps)
+        self.fc1 = tensor_parallel.ColumnParallelLinear(
+            h, cfg.ffn_mult * h, config=mp, init_method=_no_init, bias=True, gather_output=False)
+        self.fc2 = tensor_parallel.RowParallelLinear(
+            cfg.ffn_mult * h, h, config=mp, init_method=_no_init, bias=True,
+            input_is_parallel=True, skip_bias_add=False)
+        _mark_tp(self.qkv, 0), _mark_tp(self.fc1, 0)
+        _mark_tp(self.proj, 1), _mark_tp(self.fc2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv, _ = self.qkv(self.input_norm(x))
+        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        attn = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0)
+        attn = attn.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
+        out, _ = self.proj(attn)
+        x = x + F.dropout(out, self.dropout, self.training)
+        hmid, _ = self.fc1(self.mlp_norm(x))
+        out, _ = self.fc2(F.gelu(hmid, approximate="tanh"))
+        return x + F.dropout(out, self.dropout, self.training)
+
+
+class PoolGPT(nn.Module):
+    """GPT whose transformer layers are ``pool[0..n_unique-1]``; see module docstring."""
+
+    def __init__(self, cfg: ModelConfig, n_unique: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        mp = _mp_config(dtype)
+        tp = mp.tensor_model_parallel_size
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to, tp)
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            self.padded_vocab, cfg.hidden, init_method=_no_init, config=mp)
+        _mark_tp(self.word_embeddings, 0)
+        self.position_embeddings = nn.Embedding(cfg.seq_len, cfg.hidden)
+        self.pool = nn.ModuleList(Block(cfg, mp) for _ in range(n_unique))
+        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        # Tied LM head: a column-parallel linear that borrows the embedding weight.
+        self.lm_head = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden, self.padded_vocab, config=mp, init_method=_no_init, bias=False,
+            gather_output=False, skip_weight_param_allocation=True)
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        per_rank = self.padded_vocab // tp
+        local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+        # Padded vocabulary rows must never receive probability mass.
+        self.register_buffer("pad_mask", local_ids >= cfg.vocab_size, persistent=False)
+        self.to(dtype)
+
+    @property
+    def n_unique(self) -> int:
+        return len(self.pool)
+
+    def forward(self, tokens: torch.Tensor, layer_map: list[int],
+                labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (vocab-parallel shard) when ``labels`` is None, else the mean loss over
+        ``loss_mask``."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.word_embeddings(tokens) + self.position_embeddings(positions)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        for idx in layer_map:
+            x = self.pool[idx](x)
+        x = self.final_norm(x)
+        logits, _ = self.lm_head(x, weight=self.word_embeddings.weight)
+        if self.pad_mask.any():
+            logits = logits.masked_fill(self.pad_mask, float("-inf"))
+        if labels is None:
+            return logits
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+        if loss_mask is None:
+            return losses.mean()
+        return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)

@@ -1,0 +1,62 @@
+"""Pretrain a GPT with DeepSpeed (+ Apollo progressive training when apollo.enabled).
+
+  deepspeed --num_gpus 2 apollo_ds/pretrain.py --config configs/tiny_cpu.yaml [overrides]
+  torchrun --nproc_per_node 2 apollo_ds/pretrain.py --config ... ;  mpirun -np 2 python ...
+  srun python apollo_ds/pretrain.py --config ...          (see slurm/pretrain_gpt.sh)
+
+Overrides are dotted ``section.key=value`` pairs, e.g. ``model.layers=6 train.steps=40``.
+Rerunning the same command resumes from the latest complete checkpoint in train.out_dir.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script by a launcher: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from apollo_ds.config import ConfigError, load_config, validate  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run preset YAML (configs/*.yaml)")
+    p.add_argument("--deepspeed_config", default=None,
+                   help="DeepSpeed JSON; default: the preset's train.deepspeed_config")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        overrides = list(args.overrides)
+        if args.deepspeed_config:
+            overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+        cfg = load_config(args.config, overrides)
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 0))) or None
+        validate(cfg, world_size=world)
+        from apollo_ds.data import check_data_inputs
+        check_data_inputs(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from apollo_ds import distributed
+    from apollo_ds.training.loop import Trainer
+    dist = distributed.init(cfg.parallel.tp, cfg.parallel.pp)
+    try:
+        validate(cfg, world_size=dist.world)
+        trainer = Trainer(cfg, dist)
+    except ConfigError as e:
+        if dist.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
