@@ -40,9 +40,21 @@ def optimizer_step_count(engine) -> int:
     return 0
 
 
+def _relink_optimizer_state(engine) -> None:
+    """DeepSpeed 0.19.8 ZeRO 1/2 links parameters to their Adam state fragments once, at the end
+    of the first group's step, so with several parameter groups (decay / no decay) every later
+    group is linked to an empty state and ``safe_*_optimizer_state`` fails for it. Link again
+    now that every group has stepped."""
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
 def read_state(engine, model) -> dict[str, dict[str, torch.Tensor]]:
     """name -> {"param", "exp_avg", "exp_avg_sq"} as full fp32 CPU tensors (collective)."""
     opt = engine.optimizer
+    _relink_optimizer_state(engine)
     out = {}
     for name, p in model.named_parameters():
         if _uses_hp_mapping(p):
@@ -92,6 +104,7 @@ def _prime(engine, model, n_unique: int, device) -> None:
     engine.micro_steps = 0
     engine.global_steps = 0
     engine.global_samples = 0
+    _relink_optimizer_state(engine)
     for g, lr in zip(engine.optimizer.param_groups, saved):
         g["lr"] = lr
 

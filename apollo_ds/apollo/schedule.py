@@ -17,7 +17,7 @@ from .samplers import depth_pmf, expected_depth, sample_depth
 
 
 class StageSchedule:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, dp: int = 1):
         m, a, t = cfg.model, cfg.apollo, cfg.train
         self.layers = m.layers                 # L
         self.steps = t.steps
@@ -25,11 +25,14 @@ class StageSchedule:
         self.enabled = bool(a.enabled)
         self.sampler = a.sampler
         self.grow = a.grow
-        if t.micro_batch < 1 or t.global_batch % t.micro_batch:
+        if t.micro_batch < 1 or t.global_batch % (t.micro_batch * dp):
             raise ValueError(f"train.global_batch={t.global_batch} must be a multiple of "
-                             f"train.micro_batch={t.micro_batch}")
-        # Global micro-batches per optimizer step, summed over data-parallel ranks.
-        self.micro_batches_per_step = t.global_batch // t.micro_batch
+                             f"train.micro_batch={t.micro_batch} x dp={dp}")
+        # One depth per micro-step, shared by the dp ranks' micro-batches of that micro-step
+        # (the "micro-batch" of a plan is data-parallel-wide): ZeRO-3 gathers parameters per
+        # module call, so every DP rank must run the same layer sequence, and equal depths keep
+        # DP ranks from waiting on the deepest one at the gradient all-reduce.
+        self.micro_batches_per_step = t.global_batch // (t.micro_batch * dp)
         if self.enabled:
             self.unique = list(a.stages)
             self.ends = stage_end_steps(cfg)
@@ -90,7 +93,7 @@ class StageSchedule:
         return self.sampler if self.enabled else "constant_high"
 
     def depth(self, step: int, micro: int) -> int:
-        """Depth of global micro-batch ``micro`` (0-based) of ``step``."""
+        """Depth of micro-step ``micro`` (0-based, shared by all DP ranks) of ``step``."""
         if not 0 <= micro < self.micro_batches_per_step:
             raise ValueError(f"micro-batch index {micro} is outside "
                              f"0..{self.micro_batches_per_step - 1}")
@@ -98,7 +101,7 @@ class StageSchedule:
         return sample_depth(self._sampler(), self.layers, N, self.seed, step, micro)
 
     def plan(self, step: int) -> list[tuple[int, list[int]]]:
-        """(depth, layer map) for every global micro-batch index of ``step``, in order."""
+        """(depth, layer map) for every micro-step of ``step``, in order."""
         N = self.unique_at(step)
         out = []
         for j in range(self.micro_batches_per_step):

@@ -35,7 +35,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, dist: Dist):
         self.cfg, self.dist = cfg, dist
         t = cfg.train
-        self.schedule = StageSchedule(cfg)
+        self.schedule = StageSchedule(cfg, dist.dp)
         self.ds_config = load_ds_config(cfg, dist.dp)
         self.dtype = model_dtype(self.ds_config)
         self.zero = zero_stage(self.ds_config)
@@ -48,6 +48,7 @@ class Trainer:
                                                       valid_samples)
         found = checkpoint.find_latest(self.ckpt_dir)
         self.step, self.consumed, self.flops_spent, self.flops_full = 0, 0, 0.0, 0.0
+        self.wall_before = 0.0      # wall seconds spent by earlier (resumed-from) processes
         n_unique = self.schedule.unique_at(1)
         if found is not None:
             tag, state = found
@@ -59,10 +60,12 @@ class Trainer:
             checkpoint.load(self.engine, self.ckpt_dir, tag)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.flops_spent, self.flops_full = state["flops_spent"], state["flops_full"]
+            self.wall_before = state.get("wall_s", 0.0)
             print0(dist.rank, f"resumed from {os.path.join(self.ckpt_dir, tag)} at step "
                               f"{self.step} with {n_unique} unique layers")
         self.metrics = MetricsLog(t.out_dir, dist.rank == 0, resume_step=self.step)
         self._stop_signal = False
+        self.t_start = time.perf_counter()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -78,6 +81,9 @@ class Trainer:
         model.to(self.dist.device)
         engine = build_engine(model, self.ds_config, self.cfg, self.mpu)
         return model, engine
+
+    def _wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t_start
 
     def _on_signal(self, signum, _frame):
         # Slurm --signal / preemption: finish this step, checkpoint, exit 0.
@@ -97,6 +103,7 @@ class Trainer:
                 "n_unique": self.model.n_unique,
                 "stage": self.schedule.stage_index(max(1, self.step)),
                 "flops_spent": self.flops_spent, "flops_full": self.flops_full,
+                "wall_s": self._wall(),
                 "tp": self.dist.tp, "pp": self.dist.pp, "dp": self.dist.dp,
                 "model": asdict(self.cfg.model), "apollo": asdict(self.cfg.apollo)}
 
@@ -127,7 +134,7 @@ class Trainer:
         loss_sum = torch.zeros(1, dtype=torch.float64)
         for k in range(self.grad_accum):
             j = k * d.dp + d.dp_rank
-            depth, lmap = plan[j]
+            depth, lmap = plan[k]
             batch = self._batch(self.train_ds, base + j * t.micro_batch)
             loss = self.engine(batch["tokens"], lmap, batch["labels"], batch["loss_mask"])
             loss_sum += loss.detach().double().cpu()
@@ -142,7 +149,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         tokens = t.global_batch * cfg.model.seq_len
         depths = [p[0] for p in plan]
-        mb_tokens = t.micro_batch * cfg.model.seq_len
+        mb_tokens = t.micro_batch * d.dp * cfg.model.seq_len
         flops = sum(train_flops(cfg.model, dd, mb_tokens, d.tp) for dd in depths)
         full = train_flops(cfg.model, cfg.model.layers, tokens, d.tp)
         self.flops_spent += flops
@@ -208,6 +215,7 @@ class Trainer:
             final = s == t.steps or s == t.stop_after
             if (t.eval_interval and s % t.eval_interval == 0) or final:
                 rec["eval_loss"] = self.evaluate()
+            rec["wall_s"] = self._wall()
             self.metrics.write(rec)
             last = rec
             if s % t.log_interval == 0 or final or "eval_loss" in rec:

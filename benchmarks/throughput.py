@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+"""Throughput of the pooled model at full depth against a plain sequential GPT.
+
+    .venv/bin/python benchmarks/throughput.py [--data-prefix P --tokenizer T] [--steps N]
+        [--quick] [--out FILE.json] [--layouts tp1[,tp2]] [--nproc 2]
+
+What is compared, in ONE process group (one run):
+  pool   apollo_ds.model.PoolGPT with L unique layers, run with the layer map [0..L-1]
+         (what Apollo's last stage, and a scratch run, execute).
+  plain  the same GPT built from the same ``apollo_ds.model.gpt.Block`` class, its L layers in
+         an nn.ModuleList run in order, with no layer map.
+Both start from the same weights (the plain model loads the pool model's state dict), train on
+the same micro-batches with the same DeepSpeed config (ZeRO 1 fp32, torch AdamW from
+apollo_ds.training.engine) and batch. Steps are interleaved in rounds, ABBA BAAB ..., so slow
+phases of a shared machine hit both models equally; per-step times after warm-up are
+summarised by their median. The goal is pool/plain >= 0.97.
+
+Layouts (``--layouts``): each layout is a (tp, pp) split of the same process count, e.g.
+``tp1`` (tp=1: data parallel over all processes) and ``tp2`` (tensor parallel 2). Pool and
+plain are compared inside each layout. megatron-core's parallel state is global to a process,
+so different layouts cannot share one process: with several layouts this script starts one
+worker process group (torchrun) per (layout, round), alternating layouts round by round, and
+pools the per-step times. PP is refused by the model today (``parallel.pp`` must be 1); a
+``tp1pp2`` layout name is parsed already, so adding it is a matter of model support.
+
+A single-process run (the default, ``--nproc 1``) creates a 1-rank gloo group (CPU) via
+apollo_ds.distributed.init, which also sets up megatron-core's parallel_state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+DEFAULT_PREFIX = ".cache/apollo_ds/data/corpus"
+DEFAULT_TOKENIZER = ".cache/apollo_ds/data/spm8k.model"
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-prefix", default=DEFAULT_PREFIX)
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    p.add_argument("--steps", type=int, default=None,
+                   help="measured steps per model (after warm-up); default 40, --quick 6")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="untimed steps per model first; default 3, --quick 1")
+    p.add_argument("--steps-per-turn", type=int, default=2,
+                   help="consecutive steps of one model before switching (ABBA order)")
+    p.add_argument("--quick", action="store_true", help="few steps, small model: a smoke test")
+    p.add_argument("--layers", type=int, default=None, help="full depth L (default 6)")
+    p.add_argument("--hidden", type=int, default=None, help="default 192")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="model vocabulary (default: the tokenizer's)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--deepspeed-config", default="ds_configs/zero1_fp32.json")
+    p.add_argument("--layouts", default="tp1",
+                   help="comma list of layouts: tp1, tp2, tp2pp1, ... (pp>1 is refused by the "
+                        "model today). Several layouts need --nproc >= their tp*pp")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per layout (torchrun; 1: this process only)")
+    p.add_argument("--layout-rounds", type=int, default=2,
+                   help="with several layouts: worker launches per layout, alternated")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: cores // nproc)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-layout", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.steps is None:
+        a.steps = 6 if a.quick else 40
+    if a.warmup_steps is None:
+        a.warmup_steps = 1 if a.quick else 3
+    if a.layers is None:
+        a.layers = 4 if a.quick else 6
+    if a.hidden is None:
+        a.hidden = 128 if a.quick else 192
+    if a.steps < 1 or a.warmup_steps < 0 or a.steps_per_turn < 1:
+        p.error("--steps must be >= 1, --warmup-steps >= 0, --steps-per-turn >= 1")
+    a.layout_list = [parse_layout(x) for x in a.layouts.split(",") if x.strip()]
+    if not a.layout_list:
+        p.error("--layouts is empty")
+    for name, tp, pp in a.layout_list:
+        if a.nproc % (tp * pp):
+            p.error(f"layout {name} needs a process count that is a multiple of tp*pp="
+                    f"{tp * pp}; --nproc is {a.nproc}")
+    return a
+
+
+def parse_layout(text: str) -> tuple[str, int, int]:
+    m = re.fullmatch(r"\s*(?:tp(\d+))?(?:pp(\d+))?\s*", text)
+    if not m or not (m.group(1) or m.group(2)):
+        raise SystemExit(f"throughput.py: error: bad layout '{text}': write tp2, tp1pp2, ...")
+    tp, pp = int(m.group(1) or 1), int(m.group(2) or 1)
+    return f"tp{tp}pp{pp}", tp, pp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- models
+def make_plain_class():
+    """Defined lazily: torch / megatron-core import slowly."""
+    import torch
+    import torch.nn.functional as F
+    from megatron.core import tensor_parallel
+    from torch import nn
+
+    from apollo_ds.model import PoolGPT
+    from apollo_ds.model.gpt import Block
+
+    class PlainGPT(nn.Module):
+        """PoolGPT's architecture with its L layers in ``self.layers`` run in order: same
+        Block class, embeddings, tied vocab-parallel LM head and loss; no layer map. Built by
+        borrowing a PoolGPT's submodules' construction (so both stay in step with gpt.py)."""
+
+        def __init__(self, cfg, dtype=torch.float32):
+            super().__init__()
+            ref = PoolGPT(cfg, cfg.layers, dtype=dtype)
+            assert all(isinstance(b, Block) for b in ref.pool)
+            self.cfg = cfg
+            self.word_embeddings = ref.word_embeddings
+            self.position_embeddings = ref.position_embeddings
+            self.layers = nn.ModuleList(list(ref.pool))
+            self.final_norm = ref.final_norm
+            self.lm_head = ref.lm_head
+            self.register_buffer("pad_mask", ref.pad_mask.clone(), persistent=False)
+
+        def load_from_pool(self, pool_model) -> None:
+            sd = {(("layers." + k[len("pool."):]) if k.startswith("pool.") else k): v
+                  for k, v in pool_model.state_dict().items()}
+            self.load_state_dict(sd, strict=True)
+
+        def forward(self, tokens, labels=None, loss_mask=None):
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            x = self.word_embeddings(tokens) + self.position_embeddings(positions)
+            x = F.dropout(x, self.cfg.dropout, self.training)
+            for block in self.layers:
+                x = block(x)
+            x = self.final_norm(x)
+            logits, _ = self.lm_head(x, weight=self.word_embeddings.weight)
+            if self.pad_mask.any():
+                logits = logits.masked_fill(self.pad_mask, float("-inf"))
+            if labels is None:
+                return logits
+            losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+            if loss_mask is None:
+                return losses.mean()
+            return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+    return PlainGPT
+
+
+# ----------------------------------------------------------------------------- worker
+def build_cfg(a, tp: int, pp: int, vocab: int):
+    from apollo_ds.config import load_config, validate
+    over = [f"model.layers={a.layers}", f"model.hidden={a.hidden}", f"model.heads={a.heads}",
+            f"model.seq_len={a.seq_len}", f"model.vocab_size={vocab}",
+            f"parallel.tp={tp}", f"parallel.pp={pp}",
+            f"data.prefix={a.data_prefix}", f"data.tokenizer={a.tokenizer}",
+            f"data.cache_dir={os.path.join(REPO, '.cache', 'apollo_ds', 'bench', 'index_cache')}",
+            f"train.micro_batch={a.micro_batch}", f"train.global_batch={a.global_batch}",
+            f"train.steps={a.warmup_steps + a.steps}", "train.lr=0.001", "train.warmup=0",
+            f"train.seed={a.seed}", f"train.deepspeed_config={a.deepspeed_config}",
+            "train.optimizer=adamw", f"train.out_dir={tempfile.gettempdir()}/apollo_tput"]
+    return load_config(None, over)
+
+
+def run_worker(a, layout) -> dict:
+    """Measure pool vs plain in this process group (1 process, or torchrun ranks)."""
+    name, tp, pp = layout
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                 ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import torch
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    elif int(os.environ["WORLD_SIZE"]) > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+
+    from apollo_ds import distributed
+    from apollo_ds.config import validate
+    from apollo_ds.data import build_datasets, check_data_inputs, get_micro_batch
+    from apollo_ds.model import PoolGPT, init_weights
+    from apollo_ds.training.engine import build_engine, load_ds_config, lr_at, set_lr
+
+    from apollo_ds.config import ConfigError
+    try:
+        vocab = a.vocab_size or check_data_inputs(build_cfg(a, tp, pp, 1 << 20))
+        cfg = build_cfg(a, tp, pp, vocab)
+        validate(cfg, world_size=int(os.environ["WORLD_SIZE"]))
+    except ConfigError as e:
+        raise SystemExit(f"throughput.py: error: {e}") from None
+    d = distributed.init(tp, pp)
+    rank0 = d.rank == 0
+    t = cfg.train
+    grad_accum = t.global_batch // (t.micro_batch * d.dp)
+    total_steps = a.warmup_steps + a.steps
+    train_ds, _ = build_datasets(cfg, total_steps * t.global_batch, 0)
+    ds_cfg = load_ds_config(cfg, d.dp)
+    mpu = distributed.MegatronMPU()
+
+    pool = PoolGPT(cfg.model, cfg.model.layers, dtype=torch.float32)
+    init_weights(pool, t.seed, cfg.model.init_std, cfg.model.layers, cfg.model.vocab_size)
+    plain = make_plain_class()(cfg.model)
+    plain.load_from_pool(pool)
+    pool.to(d.device), plain.to(d.device)
+    n_params = sum(p.numel() for p in pool.parameters())
+    assert n_params == sum(p.numel() for p in plain.parameters())
+    engines = {"pool": build_engine(pool, ds_cfg, cfg, mpu),
+               "plain": build_engine(plain, ds_cfg, cfg, mpu)}
+    lmap = list(range(cfg.model.layers))
+    calls = {"pool": lambda e, b: e(b["tokens"], lmap, b["labels"], b["loss_mask"]),
+             "plain": lambda e, b: e(b["tokens"], b["labels"], b["loss_mask"])}
+    # Pre-load every micro-batch once so data loading is outside the timed region.
+    batches = {}
+    for step in range(1, total_steps + 1):
+        base = (step - 1) * t.global_batch
+        for k in range(grad_accum):
+            j = k * d.dp + d.dp_rank
+            b = get_micro_batch(train_ds, base + j * t.micro_batch, t.micro_batch)
+            batches[step, k] = {kk: v.to(d.device) for kk, v in b.items()}
+
+    def one_step(which: str, step: int) -> tuple[float, float]:
+        eng = engines[which]
+        set_lr(eng, lr_at(step, cfg))
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for k in range(grad_accum):
+            loss = calls[which](eng, batches[step, k])
+            eng.backward(loss)
+            eng.step()
+            loss_sum += loss.item()
+        # the slowest rank defines the step
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        torch.distributed.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)
+        return dt.item(), loss_sum / grad_accum
+
+    times = {"pool": [], "plain": []}
+    turns = {"pool": [], "plain": []}      # turn index of every timed step (for pairing)
+    losses = {"pool": [], "plain": []}
+    next_step = {"pool": 1, "plain": 1}
+    order, turn = [], 0
+    # ABBA BAAB ...: each model goes first equally often and drifts cancel to first order
+    while min(next_step.values()) <= total_steps:
+        pair = ("pool", "plain") if turn % 4 in (0, 3) else ("plain", "pool")
+        for which in pair:
+            for _ in range(a.steps_per_turn):
+                s = next_step[which]
+                if s > total_steps:
+                    break
+                dt, loss = one_step(which, s)
+                next_step[which] = s + 1
+                losses[which].append(loss)
+                if s > a.warmup_steps:
+                    times[which].append(dt)
+                    turns[which].append(turn)
+                    order.append(which)
+        turn += 1
+    # Same weights, data and optimizer: the two losses must agree (up to float reassociation).
+    max_loss_diff = max(abs(x - y) for x, y in zip(losses["pool"], losses["plain"]))
+    tokens = t.global_batch * cfg.model.seq_len
+    res = {"layout": name, "tp": d.tp, "pp": d.pp, "dp": d.dp, "world": d.world,
+           "threads": torch.get_num_threads(), "tokens_per_step": tokens,
+           "n_params": n_params, "model": vars(cfg.model).copy(),
+           "micro_batch": t.micro_batch, "global_batch": t.global_batch,
+           "warmup_steps": a.warmup_steps, "measured_steps": a.steps,
+           "step_times": times, "step_turns": turns, "losses": losses, "max_loss_diff": max_loss_diff,
+           "order": "".join("A" if o == "pool" else "B" for o in order)}
+    return res if rank0 else {}
+
+
+# ----------------------------------------------------------------------------- summary
+def summarise(step_times: dict, tokens: int) -> dict:
+    out = {}
+    for which, ts in step_times.items():
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[which] = {"steps": len(ts), "median_step_s": med, "mean_step_s": statistics.fmean(ts),
+                      "p25_step_s": q[0], "p75_step_s": q[2],
+                      "tokens_per_s": tokens / med,
+                      "tokens_per_s_mean": tokens / statistics.fmean(ts)}
+    out["ratio_pool_over_plain"] = out["pool"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
+    out["ratio_pool_over_plain_mean"] = (out["pool"]["tokens_per_s_mean"]
+                                         / out["plain"]["tokens_per_s_mean"])
+    return out
+
+
+def paired_ratio(step_times: dict, step_turns: dict) -> float | None:
+    """Median over turns (each runs both models back to back) of plain_time / pool_time: each
+    pair ran back to back, so a slow phase of a shared machine cancels within the pair."""
+    blocks = {}
+    for which in ("pool", "plain"):
+        for t, turn in zip(step_times[which], step_turns[which]):
+            blocks.setdefault(turn, {"pool": [], "plain": []})[which].append(t)
+    ratios = [statistics.median(b["plain"]) / statistics.median(b["pool"])
+              for b in blocks.values() if b["pool"] and b["plain"]]
+    return statistics.median(ratios) if ratios else None
+
+
+def print_table(results: list[dict]) -> None:
+    print()
+    print(f"{'layout':<9} {'procs':>5} {'model':<6} {'steps':>5} {'median s/step':>13} "
+          f"{'IQR s':>15} {'tokens/s':>10}")
+    for r in results:
+        s = r["summary"]
+        for which in ("pool", "plain"):
+            x = s[which]
+            print(f"{r['layout']:<9} {r['world']:>5} {which:<6} {x['steps']:>5} "
+                  f"{x['median_step_s']:>13.4f} "
+                  f"{x['p25_step_s']:>7.4f}-{x['p75_step_s']:<7.4f} {x['tokens_per_s']:>10,.0f}")
+        ok = "OK" if s["ratio_pool_over_plain"] >= 0.97 else "BELOW GOAL"
+        print(f"{r['layout']:<9} {'':>5} pool/plain tokens/s = {s['ratio_pool_over_plain']:.3f} "
+              f"(medians; paired {s['ratio_pool_over_plain_paired'] or float('nan'):.3f}, "
+              f"mean-based {s['ratio_pool_over_plain_mean']:.3f}; goal >= 0.97: {ok}); "
+              f"max |loss_pool - loss_plain| = {r['max_loss_diff']:.2e}")
+    if len(results) > 1:
+        base = results[0]
+        for r in results[1:]:
+            rel = r["summary"]["pool"]["tokens_per_s"] / base["summary"]["pool"]["tokens_per_s"]
+            print(f"pool tokens/s {r['layout']} / {base['layout']} = {rel:.3f} "
+                  f"(same {r['world']} processes)")
+
+
+def merge(parts: list[dict]) -> dict:
+    r = dict(parts[0])
+    r["step_times"] = {w: [t for p in parts for t in p["step_times"][w]] for w in ("pool", "plain")}
+    # keep turns distinct across launches so pairs never span two launches
+    r["step_turns"] = {w: [t + 100000 * i for i, p in enumerate(parts)
+                           for t in p["step_turns"][w]] for w in ("pool", "plain")}
+    r["max_loss_diff"] = max(p["max_loss_diff"] for p in parts)
+    r["launches"] = len(parts)
+    r.pop("losses", None)
+    return r
+
+
+# ----------------------------------------------------------------------------- driver
+def launch_worker(a, argv, layout_name: str, out_json: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
+           "--master_port", str(free_port()), os.path.abspath(__file__), *argv,
+           "--worker", "--worker-layout", layout_name, "--out", out_json]
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+               OMP_NUM_THREADS=str(a.threads or max(1, (os.cpu_count() or 1) // a.nproc)),
+               PYTHONUNBUFFERED="1")
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stdout[-3000:] + r.stderr[-6000:])
+        raise SystemExit(f"throughput.py: worker for {layout_name} failed ({r.returncode})")
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def strip_driver_args(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        # (--nproc must not reach torchrun's own argument parser, which would take it for
+        # an abbreviation of --nproc-per-node; workers read WORLD_SIZE instead)
+        if x in ("--out", "--layouts", "--layout-rounds", "--nproc"):
+            skip = True
+            continue
+        if x.startswith(("--out=", "--layouts=", "--layout-rounds=", "--nproc=")):
+            continue
+        out.append(x)
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    os.chdir(REPO)
+    if a.worker:
+        layout = parse_layout(a.worker_layout)
+        res = run_worker(a, layout)
+        if res:
+            with open(a.out, "w") as f:
+                json.dump(res, f)
+        return 0
+
+    t0 = time.time()
+    results = []
+    if a.nproc == 1 and len(a.layout_list) == 1:
+        layout = a.layout_list[0]
+        if layout[1] * layout[2] != 1:
+            raise SystemExit("throughput.py: error: tp/pp > 1 needs --nproc >= tp*pp")
+        r = run_worker(a, layout)
+        r.pop("losses", None)
+        r["launches"] = 1
+        results.append(r)
+        mode = "1 process (in-process, 1-rank gloo group)"
+    else:
+        worker_argv = strip_driver_args(argv)
+        parts = {name: [] for name, _, _ in a.layout_list}
+        rounds = a.layout_rounds if len(a.layout_list) > 1 else 1
+        with tempfile.TemporaryDirectory() as tmp:
+            for rd in range(rounds):
+                seq = a.layout_list if rd % 2 == 0 else a.layout_list[::-1]
+                for name, _, _ in seq:
+                    print(f"round {rd + 1}/{rounds}: layout {name} on {a.nproc} processes ...",
+                          flush=True)
+                    out = os.path.join(tmp, f"{name}_{rd}.json")
+                    parts[name].append(launch_worker(a, worker_argv, name, out))
+        results = [merge(parts[name]) for name, _, _ in a.layout_list]
+        mode = (f"{a.nproc} processes per layout (torchrun, gloo), "
+                f"{rounds} alternating launch(es) per layout")
+    for r in results:
+        r["summary"] = summarise(r["step_times"], r["tokens_per_step"])
+        r["summary"]["ratio_pool_over_plain_paired"] = paired_ratio(r["step_times"],
+                                                                    r["step_turns"])
+    m = results[0]["model"]
+    print(f"\nthroughput: pool (layer map [0..L-1]) vs plain sequential GPT; {mode}")
+    print(f"model L={m['layers']} hidden={m['hidden']} heads={m['heads']} seq={m['seq_len']} "
+          f"vocab={m['vocab_size']} ({results[0]['n_params'] / 1e6:.2f} M params), "
+          f"micro {results[0]['micro_batch']} global {results[0]['global_batch']}, "
+          f"{a.deepspeed_config}, torch AdamW; {a.warmup_steps} warm-up + {a.steps} timed "
+          f"steps per model, {a.steps_per_turn} per turn, ABBA order; "
+          f"{results[0]['threads']} torch threads/process")
+    print_table(results)
+    summary = {"mode": mode, "args": {k: v for k, v in vars(a).items() if k != "layout_list"},
+               "elapsed_s": time.time() - t0, "results": results}
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Shared fixtures: a tiny real-text indexed corpus, run-config files, and a launcher for
+multi-process runs over gloo (torchrun, as users launch)."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CACHED_CORPUS = REPO / ".cache" / "apollo_ds" / "data" / "corpus.txt"
+
+
+def real_text_lines(max_lines: int = 3000) -> list[str]:
+    """Real English: the fetched corpus when present, else the standard library's docstrings
+    (always on the machine, no network)."""
+    if CACHED_CORPUS.exists():
+        with open(CACHED_CORPUS) as f:
+            return [ln.strip() for _, ln in zip(range(max_lines), f) if ln.strip()]
+    lines = []
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(errors="ignore"))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    lines.append(" ".join(doc.split()))
+        if len(lines) >= max_lines:
+            break
+    return lines[:max_lines]
+
+
+@dataclass
+class Corpus:
+    prefix: str
+    tokenizer: str
+    vocab: int
+
+
+def run(cmd: list[str], cwd=REPO, env=None, timeout=900) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+                    OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    d = tmp_path_factory.mktemp("corpus")
+    txt = d / "text.txt"
+    txt.write_text("\n".join(real_text_lines(2000)) + "\n")
+    vocab = 512
+    r = run([PY, "data_prep/train_tokenizer.py", "--input", str(txt), "--vocab-size",
+             str(vocab), "--model-prefix", str(d / "spm")])
+    assert r.returncode == 0, r.stderr
+    r = run([PY, "data_prep/preprocess_data.py", "--input", str(txt), "--tokenizer-model",
+             str(d / "spm.model"), "--output-prefix", str(d / "text"), "--append-eod",
+             "--workers", "1"])
+    assert r.returncode == 0, r.stderr
+    return Corpus(prefix=str(d / "text"), tokenizer=str(d / "spm.model"), vocab=vocab)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, corpus: Corpus, **sections) -> Path:
+    """A tiny run config (0.2 M parameters) over ``corpus``; ``sections`` update it."""
+    cfg = {
+        "model": {"layers": 4, "hidden": 64, "heads": 4, "seq_len": 32,
+                  "vocab_size": corpus.vocab},
+        "apollo": {"enabled": False},
+        "data": {"prefix": corpus.prefix, "tokenizer": corpus.tokenizer},
+        "train": {"steps": 10, "micro_batch": 2, "global_batch": 8, "lr": 3e-3,
+                  "warmup": 2, "log_interval": 1, "eval_iters": 2,
+                  "deepspeed_config": "ds_configs/zero1_fp32.json"},
+    }
+    for sec, vals in sections.items():
+        cfg.setdefault(sec, {}).update(vals)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun(nproc: int, script: str, args: list[str], timeout=900) -> subprocess.CompletedProcess:
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), script, *args]
+    r = run(cmd, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n"
+                             f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def pretrain(nproc: int, config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return torchrun(nproc, "apollo_ds/pretrain.py", ["--config", str(config), *overrides])
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """A 1-rank gloo group with megatron-core's parallel state at TP=PP=1, for in-process
+    model tests."""
+    import torch.distributed as tdist
+    from megatron.core import parallel_state
+    from apollo_ds.model import cpu_compat
+    cpu_compat.apply()
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                 rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    yield

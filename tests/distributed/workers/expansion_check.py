@@ -1,0 +1,81 @@
+"""Run under torchrun: train to a stage boundary, expand, and record what the test asserts:
+losses on fixed batches at several depths before/after, the gathered fp32 masters and Adam
+moments of every parameter before/after, and the next step's loss on every rank.
+
+usage: expansion_check.py --config CFG --out RESULT.json [overrides]"""
+import argparse
+import json
+import sys
+
+import torch
+
+from apollo_ds import distributed
+from apollo_ds.apollo import layer_map
+from apollo_ds.apollo.expand import optimizer_step_count, read_state, source_name
+from apollo_ds.apollo.layer_maps import expansion_sources
+from apollo_ds.config import load_config, validate
+from apollo_ds.training.loop import Trainer
+
+
+@torch.no_grad()
+def fixed_losses(tr: Trainer, depths):
+    tr.engine.eval()
+    out = {}
+    for d in depths:
+        losses = []
+        for j in range(2):
+            b = tr._batch(tr.valid_ds, j * tr.cfg.train.micro_batch)
+            lmap = layer_map(tr.model.n_unique, d, tr.cfg.apollo.grow)
+            losses.append(tr.engine(b["tokens"], lmap, b["labels"], b["loss_mask"]).item())
+        out[d] = losses
+    tr.engine.train()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    p.add_argument("--out")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    cfg = validate(load_config(a.config, a.overrides))
+    dist = distributed.init(cfg.parallel.tp, cfg.parallel.pp)
+    validate(cfg, world_size=dist.world)
+    tr = Trainer(cfg, dist)
+    boundary = tr.schedule.end_step(0)
+    for s in range(1, boundary + 1):
+        tr.train_step(s)
+        tr.step = s
+    n_old, n_new = tr.model.n_unique, tr.schedule.unique_at(boundary + 1)
+    depths = list(range(n_new, cfg.model.layers + 1))
+    before = fixed_losses(tr, depths)
+    state_before = read_state(tr.engine, tr.model)
+    step_before = optimizer_step_count(tr.engine)
+    tr.expand(n_new)
+    after = fixed_losses(tr, depths)
+    state_after = read_state(tr.engine, tr.model)
+    step_after = optimizer_step_count(tr.engine)
+    sources = expansion_sources(n_old, n_new, cfg.apollo.grow)
+    worst = {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    nonzero_moments = 0
+    for name, st in state_after.items():
+        src = state_before[source_name(name, sources)]
+        for key in worst:
+            worst[key] = max(worst[key], (st[key] - src[key]).abs().max().item())
+        nonzero_moments += int(st["exp_avg_sq"].abs().sum().item() > 0)
+    rec = tr.train_step(boundary + 1)
+    local = torch.tensor([rec["loss"]], dtype=torch.float64)
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.world)]
+    torch.distributed.all_gather(gathered, local)
+    if dist.rank == 0:
+        with open(a.out, "w") as f:
+            json.dump({"n_old": n_old, "n_new": n_new, "sources": sources,
+                       "losses_before": before, "losses_after": after,
+                       "max_diff": worst, "step_before": step_before, "step_after": step_after,
+                       "n_params_after": len(state_after), "nonzero_moments": nonzero_moments,
+                       "next_loss_per_rank": [g.item() for g in gathered]}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
