@@ -79,7 +79,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     save_interval: int = 0          # 0: only at the end
     eval_interval: int = 0          # 0: only at the end
-    eval_iters: int = 4             # micro-batches per evaluation
+    eval_iters: int = 4             # global batches of held-out samples per evaluation
     log_interval: int = 10
     deepspeed_config: str = "ds_configs/zero1_fp32.json"
     stop_after: int = 0             # >0: stop (with a checkpoint) after this step; for tests

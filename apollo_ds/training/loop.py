@@ -43,7 +43,7 @@ class Trainer:
         self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
         self.grad_accum = t.global_batch // (t.micro_batch * dist.dp)
         self.dp_group = parallel_state.get_data_parallel_group()
-        valid_samples = max(1, t.eval_iters) * t.micro_batch
+        valid_samples = t.eval_iters * t.global_batch
         self.train_ds, self.valid_ds = build_datasets(cfg, t.steps * t.global_batch,
                                                       valid_samples)
         found = checkpoint.find_latest(self.ckpt_dir)
@@ -108,6 +108,11 @@ class Trainer:
                 "model": asdict(self.cfg.model), "apollo": asdict(self.cfg.apollo)}
 
     def _check_plan(self, step: int, plan) -> None:
+        # Each rank also records its own plan, so a test (or a user) can compare them.
+        path = os.path.join(self.cfg.train.out_dir, "plans", f"rank{self.dist.rank}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "plan": plan}) + "\n")
         digest = hashlib.sha256(json.dumps(plan).encode()).digest()[:8]
         mine = torch.tensor([int.from_bytes(digest, "little") & ((1 << 62) - 1)],
                             dtype=torch.int64)
@@ -166,15 +171,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over train.eval_iters held-out micro-batches at full depth L."""
-        cfg, d = self.cfg, self.dist
+        """Mean loss over the first train.eval_iters global batches of held-out samples, at
+        full depth L; the same samples whatever the DP size or micro-batch."""
+        cfg, d, t = self.cfg, self.dist, self.cfg.train
         if self.valid_ds is None:
             return float("nan")
         lmap = layer_map(self.model.n_unique, cfg.model.layers, cfg.apollo.grow)
         self.engine.eval()
         acc = torch.zeros(2, dtype=torch.float64)
-        for j in range(d.dp_rank, cfg.train.eval_iters, d.dp):
-            b = self._batch(self.valid_ds, j * cfg.train.micro_batch)
+        for j in range(d.dp_rank, t.eval_iters * t.global_batch // t.micro_batch, d.dp):
+            b = self._batch(self.valid_ds, j * t.micro_batch)
             acc[0] += self.engine(b["tokens"], lmap, b["labels"], b["loss_mask"]).double().cpu()
             acc[1] += 1
         self.engine.train()
