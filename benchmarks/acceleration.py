@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nproc", default=None, choices=("auto", "1", "2"),
                    help="processes per run; auto (the default; --quick: 2): time a few "
                         "full-depth steps at 1 and at 2 processes first and use the faster")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 450)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400; --quick 40)")
     p.add_argument("--layers", type=int, default=None, help="full depth L (default 12)")
     p.add_argument("--hidden", type=int, default=None, help="default 128")
     p.add_argument("--heads", type=int, default=4)
@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only (re)analyse the runs already in DIR")
     a = p.parse_args(argv)
     q = a.quick
-    a.steps = a.steps or (40 if q else 450)
+    a.steps = a.steps or (40 if q else 400)
     a.layers = a.layers or (6 if q else 12)
     a.hidden = a.hidden or (64 if q else 128)
     a.stages = [int(x) for x in (a.stages or ("1,2,3,6" if q else "1,3,6,12")).split(",")]
@@ -288,6 +288,37 @@ def pick_nproc(a, data) -> tuple[int, dict]:
     return chosen, {"chosen": chosen, "how": "probe", "median_step_s": times}
 
 
+def expected_cost(a, method: str, vocab: int) -> float:
+    """Expected FLOPs of a method's run as a fraction of scratch's (from the exact depth
+    distributions), for the time estimate."""
+    from apollo_ds import flops
+    from apollo_ds.apollo import expected_depth
+    from apollo_ds.config import ModelConfig
+    ap = METHODS[method]
+    per_layer = flops.layer_forward_flops_per_token(a.hidden, a.seq_len)
+    head = 2 * a.hidden * flops.padded_vocab(vocab, ModelConfig().pad_vocab_to)
+    if not ap["enabled"]:
+        return 1.0
+    bounds = [0.0] + list(a.stage_ends) + [1.0]
+    cost = 0.0
+    for n, lo, hi in zip(a.stages, bounds, bounds[1:]):
+        d = expected_depth(ap["sampler"], a.layers, n)
+        cost += (hi - lo) * (d * per_layer + head)
+    return cost / (a.layers * per_layer + head)
+
+
+def estimate(a, step_s: float, vocab: int, sweep: bool) -> str:
+    eval_steps = a.eval_iters * a.micro_batch / a.global_batch / 3   # forward only
+    full = a.steps * (1 + eval_steps / a.eval_interval)
+    units = sum(expected_cost(a, m, vocab) for m in a.methods) * full
+    launches = len(a.methods)
+    if sweep:
+        units += len(a.sweep_lrs) * a.sweep_steps * (1 + 4 * eval_steps / a.sweep_steps)
+        launches += len(a.sweep_lrs)
+    return (f"~{units * step_s / 60:.0f} min of training ({units:.0f} full-depth step "
+            f"equivalents x {step_s:.2f} s) + ~{launches} x 30-60 s of process start-up")
+
+
 # ----------------------------------------------------------------------------- analysis
 def eval_points(recs: list[dict]) -> list[dict]:
     out, train_s = [], 0.0
@@ -431,6 +462,11 @@ def main(argv=None) -> int:
             prev.get("nproc_choice")
     else:
         nproc, nproc_info = pick_nproc(a, data)
+        if "median_step_s" in nproc_info:
+            log("estimated time still to go: " + estimate(
+                a, nproc_info["median_step_s"][nproc], data[2], bool(a.sweep_lrs)))
+        log("expected FLOPs of each method relative to scratch: " + ", ".join(
+            f"{m} {expected_cost(a, m, data[2]):.3f}" for m in a.methods))
         lr, sweep = a.lr, None
         if a.sweep_lrs:
             sweep = {"steps": a.sweep_steps, "results": {}}

@@ -4,6 +4,7 @@
 #   slurm/local_cluster.sh start     install Slurm + munge when missing (apt), start munged,
 #                                     slurmctld and slurmd with private config/state/logs under
 #                                     $SLURM_LOCAL_BASE, wait until the node is idle
+#   slurm/local_cluster.sh install   only install the packages when missing (CI does this up front)
 #   slurm/local_cluster.sh status    daemons and node state; exit 0 only when all three run
 #   slurm/local_cluster.sh env       print `export SLURM_CONF=...` (eval it, or source $BASE/env.sh)
 #   slurm/local_cluster.sh stop      cancel this cluster's jobs, stop its daemons (by PID)
@@ -289,6 +290,7 @@ case ${1:-} in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) echo "export SLURM_CONF=$CONF" ;;
+    install) install_packages ;;
     purge) cmd_purge ;;
-    *) echo "usage: $0 start|stop|status|env|purge   (see the header for settings)" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop|status|env|install|purge   (see the header for settings)" >&2; exit 2 ;;
 esac

@@ -1,0 +1,1 @@
+"""Checkpoint and weight conversion: full (unsharded) weights, Hugging Face export."""
