@@ -8,11 +8,13 @@ import pytest
 from tests.conftest import torchrun, write_config
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_expansion_identity_and_state_transfer(zero, corpus, tmp_path):
+@pytest.mark.parametrize("zero,mode", [(0, "copy"), (1, "copy"), (2, "copy"), (3, "copy"),
+                                       (1, "reset")])
+def test_expansion_identity_and_state_transfer(zero, mode, corpus, tmp_path):
     cfg = write_config(tmp_path / "run.yaml", corpus,
                        model={"layers": 8},
-                       apollo={"enabled": True, "stages": [2, 4, 8], "stage_ends": [3, 5]},
+                       apollo={"enabled": True, "stages": [2, 4, 8], "stage_ends": [3, 5],
+                               "optimizer_state": mode},
                        train={"steps": 8, "out_dir": str(tmp_path / "out"),
                               "deepspeed_config": f"ds_configs/zero{zero}_fp32.json"})
     out = tmp_path / "result.json"
@@ -23,9 +25,16 @@ def test_expansion_identity_and_state_transfer(zero, corpus, tmp_path):
     assert sorted(map(int, r["losses_before"])) == [4, 5, 6, 7, 8]
     for d, before in r["losses_before"].items():
         assert r["losses_after"][d] == pytest.approx(before, rel=1e-6, abs=1e-6), d
-    # every new layer's fp32 master and both Adam moments equal its source's, exactly
-    assert r["max_diff"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
-    assert r["nonzero_moments"] == r["n_params_after"]   # moments were carried, not reset
+    if mode == "copy":
+        # every new layer's fp32 master and both Adam moments equal its source's, exactly
+        assert r["max_diff"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+        assert r["nonzero_moments"] == r["n_params_after"]
+    else:
+        # reset: masters still copied; the second copy of each old layer (pool 1 and 3)
+        # starts from zero moments, the first copy keeps its source's
+        assert r["max_diff"]["param"] == 0.0 and r["max_diff"]["exp_avg_sq"] > 0
+        per_layer = r["n_params_after"] - r["nonzero_moments"]
+        assert per_layer == 2 * 12   # 12 tensors per transformer layer, 2 fresh layers
     assert r["step_before"] == r["step_after"] == 3
     losses = r["next_loss_per_rank"]
     assert losses[0] == losses[1] and losses[0] > 0
