@@ -95,14 +95,17 @@ def init(tp: int = 1, pp: int = 1) -> Dist:
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl",
-                                   auto_mpi_discovery=True, verbose=False)
+                                   auto_mpi_discovery=True, verbose=False,
+                                   # MPI discovery would otherwise always pick port 29500
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_cpu:
         device = torch.device("cpu")
     else:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # with --gpus-per-task=1 each task sees one device
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     if world % (tp * pp) != 0:
         raise SystemExit(f"error: world size {world} is not a multiple of parallel.tp*parallel.pp"
                          f"={tp * pp}; launch tp*pp*dp processes")

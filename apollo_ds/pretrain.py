@@ -30,6 +30,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _launcher_rank() -> int:
+    """This process's rank before torch.distributed starts, so only one rank prints errors."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _launcher_world() -> int | None:
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -37,12 +52,12 @@ def main(argv=None) -> int:
         if args.deepspeed_config:
             overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
         cfg = load_config(args.config, overrides)
-        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 0))) or None
-        validate(cfg, world_size=world)
+        validate(cfg, world_size=_launcher_world())
         from apollo_ds.data import check_data_inputs
         check_data_inputs(cfg)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _launcher_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     from apollo_ds import distributed
     from apollo_ds.training.loop import Trainer

@@ -101,7 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps of each sweep run (default steps/3; = --steps reuses the best "
                         "sweep run as the scratch run)")
     p.add_argument("--eval-interval", type=int, default=None, help="default steps/25")
-    p.add_argument("--eval-iters", type=int, default=None, help="micro-batches per eval (12)")
+    p.add_argument("--eval-iters", type=int, default=None,
+                   help="train.eval_iters: global batches of held-out sequences per evaluation "
+                        "(default 6 = 96 sequences; --quick 2)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--deepspeed-config", default="ds_configs/zero1_fp32.json")
     p.add_argument("--probe-steps", type=int, default=None,
@@ -119,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.stages = [int(x) for x in (a.stages or ("1,2,3,6" if q else "1,3,6,12")).split(",")]
     a.stage_ends = [float(x) for x in a.stage_ends.split(",")]
     a.eval_interval = a.eval_interval or max(1, a.steps // (8 if q else 25))
-    a.eval_iters = a.eval_iters or (4 if q else 12)
+    a.eval_iters = a.eval_iters or (2 if q else 6)
     a.probe_steps = a.probe_steps or (6 if q else 12)
     a.nproc = a.nproc or ("2" if q else "auto")
     if a.lr_sweep == "default":
@@ -308,7 +310,7 @@ def expected_cost(a, method: str, vocab: int) -> float:
 
 
 def estimate(a, step_s: float, vocab: int, sweep: bool) -> str:
-    eval_steps = a.eval_iters * a.micro_batch / a.global_batch / 3   # forward only
+    eval_steps = a.eval_iters / 3          # eval_iters global batches, forward only
     full = a.steps * (1 + eval_steps / a.eval_interval)
     units = sum(expected_cost(a, m, vocab) for m in a.methods) * full
     launches = len(a.methods)

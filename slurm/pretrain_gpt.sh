@@ -86,7 +86,8 @@ case $ACCELERATOR in
         # site-specific, set them in your environment when needed:
         #   NCCL_SOCKET_IFNAME=ib0 / ^lo,docker   NCCL_IB_HCA=mlx5   NCCL_NET_GDR_LEVEL=...
         gpn=${SLURM_GPUS_ON_NODE:-}
-        tpn=${SLURM_NTASKS_PER_NODE%%(*}
+        tpn=${SLURM_NTASKS_PER_NODE:-}
+        tpn=${tpn%%(*}
         if [[ -n $gpn && -n $tpn && $gpn != "$tpn" ]]; then
             echo "pretrain_gpt.sh: warning: $tpn tasks per node but $gpn GPUs per node;" \
                  "use --ntasks-per-node equal to --gpus-per-node (one task per GPU)" >&2

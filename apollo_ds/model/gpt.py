@@ -16,11 +16,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from torch import nn
 
 from apollo_ds.config import ModelConfig
-
-
-def padded_vocab_size(vocab: int, pad_to: int, tp: int) -> int:
-    multiple = pad_to * tp
-    return ((vocab + multiple - 1) // multiple) * multiple
+from apollo_ds.flops import padded_vocab as padded_vocab_size
 
 
 def _mp_config(dtype: torch.dtype) -> ModelParallelConfig:

@@ -206,6 +206,11 @@ class Trainer:
         cfg, d, t = self.cfg, self.dist, self.cfg.train
         last = {}
         window = []
+        if self.step >= t.steps:
+            print0(d.rank, f"nothing to do: already at step {self.step}/{t.steps} "
+                           f"({self.ckpt_dir})")
+            self.metrics.close()
+            return last
         while self.step < t.steps:
             s = self.step + 1
             n_needed = self.schedule.unique_at(s)

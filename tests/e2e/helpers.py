@@ -27,8 +27,12 @@ def tiny_config(path: Path, corpus: Corpus, steps: int = 4, **train) -> Path:
 
 
 def launcher_env() -> dict:
-    """deepspeed / mpirun / torchrun are console scripts in the venv: put it first on PATH."""
-    return {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """deepspeed / mpirun / torchrun are console scripts in the venv: put it first on PATH.
+    MASTER_PORT: torchrun and the DeepSpeed launcher replace it with their --master_port; under
+    mpirun it is the rendezvous port once apollo_ds.distributed passes it to DeepSpeed's MPI
+    discovery (which otherwise uses a fixed 29500)."""
+    return {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MASTER_PORT": str(free_port())}
 
 
 def venv_tool(name: str) -> str:
