@@ -213,8 +213,13 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     need(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
     need(m.heads % p.tp == 0,
          f"parallel.tp={p.tp} does not divide model.heads={m.heads}; use a tp that divides it")
-    need(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallelism is not supported yet; "
-         "supported: pp=1 with tp in {1,2,...} dividing model.heads and ZeRO 0/1/2/3")
+    need(p.pp <= m.layers,
+         f"parallel.pp={p.pp}: more pipeline stages than the final depth model.layers="
+         f"{m.layers}; use pp <= {m.layers} (supported: tp dividing model.heads; pp=1 with "
+         f"ZeRO 0/1/2/3, pp>1 with ZeRO 0/1)")
+    need(p.pp == 1 or a.grow == "interpolate",
+         f"parallel.pp={p.pp} needs apollo.grow=interpolate (pipeline stages hold the pool "
+         f"layers of a monotone layer map); apollo.grow={a.grow} is supported at pp=1 only")
     if world_size is not None:
         need(world_size % (p.tp * p.pp) == 0,
              f"world size {world_size} is not a multiple of parallel.tp*parallel.pp="

@@ -172,7 +172,7 @@ def make_plain_class():
 
 # ----------------------------------------------------------------------------- worker
 def build_cfg(a, tp: int, pp: int, vocab: int):
-    from apollo_ds.config import load_config, validate
+    from apollo_ds.config import load_config
     over = [f"model.layers={a.layers}", f"model.hidden={a.hidden}", f"model.heads={a.heads}",
             f"model.seq_len={a.seq_len}", f"model.vocab_size={vocab}",
             f"parallel.tp={tp}", f"parallel.pp={pp}",

@@ -71,12 +71,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- building blocks
     def new_model(self, n_unique: int) -> PoolGPT:
+        if self.dist.pp > 1:
+            from apollo_ds.model import pipeline
+            return pipeline.new_model(self, n_unique)
         m = self.cfg.model
         model = PoolGPT(m, n_unique, dtype=torch.float32)
         init_weights(model, self.cfg.train.seed, m.init_std, m.layers, m.vocab_size)
         return model
 
     def build(self, n_unique: int, model: PoolGPT | None = None):
+        if self.dist.pp > 1:
+            from apollo_ds.model import pipeline
+            return pipeline.build(self, n_unique, model)
         model = model if model is not None else self.new_model(n_unique)
         model.to(self.dist.device)
         engine = build_engine(model, self.ds_config, self.cfg, self.mpu)
@@ -137,7 +143,10 @@ class Trainer:
         base = (step - 1) * t.global_batch
         t0 = time.perf_counter()
         loss_sum = torch.zeros(1, dtype=torch.float64)
-        for k in range(self.grad_accum):
+        if d.pp > 1:
+            from apollo_ds.model import pipeline
+            loss_sum += pipeline.run_micro_batches(self, step, plan)
+        for k in range(self.grad_accum if d.pp == 1 else 0):
             j = k * d.dp + d.dp_rank
             depth, lmap = plan[k]
             batch = self._batch(self.train_ds, base + j * t.micro_batch)
@@ -174,6 +183,9 @@ class Trainer:
         """Mean loss over the first train.eval_iters global batches of held-out samples, at
         full depth L; the same samples whatever the DP size or micro-batch."""
         cfg, d, t = self.cfg, self.dist, self.cfg.train
+        if d.pp > 1:
+            from apollo_ds.model import pipeline
+            return pipeline.evaluate(self)
         if self.valid_ds is None:
             return float("nan")
         lmap = layer_map(self.model.n_unique, cfg.model.layers, cfg.apollo.grow)
@@ -191,6 +203,8 @@ class Trainer:
         from apollo_ds.apollo.expand import expand_engine
         t0 = time.perf_counter()
         n_old = self.model.n_unique
+        if self.dist.pp > 1:
+            from apollo_ds.model.pipeline import expand as expand_engine
         self.model, self.engine = expand_engine(self, n_new)
         print0(self.dist.rank, f"expanded pool {n_old} -> {n_new} unique layers "
                                f"({self.cfg.apollo.grow}, optimizer state "

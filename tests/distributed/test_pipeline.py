@@ -1,0 +1,90 @@
+"""Pipeline parallelism through DeepSpeed's PipelineModule: PP=2 reproduces one process (losses
+and final weights) across Apollo stages whose unique counts are smaller than, equal to and larger
+than the number of pipeline stages ([1, 2, 4] on 2 stages), pool replicas held by several stages
+stay bit-identical, resume at PP=2 is exact across an expansion, and TP=2 x PP=2 matches."""
+import pytest
+import torch
+
+from apollo_ds.model.pipeline import stage_pool_layers, stage_positions
+from tests.conftest import read_metrics, torchrun, write_config
+
+APOLLO = {"enabled": True, "stages": [1, 2, 4], "stage_ends": [5, 8]}
+
+
+def test_stage_split_covers_every_position_once():
+    for S in (2, 3, 4):
+        for L in range(S, 9):
+            for N in range(1, L + 1):
+                for d in range(N, L + 1):
+                    seq = []
+                    for k in range(S):
+                        lo, hi = stage_positions(d, S, k)
+                        seq += [i * N // d for i in range(lo, hi)]
+                        assert set(i * N // d for i in range(lo, hi)) <= set(
+                            stage_pool_layers(N, L, S, k))
+                    assert seq == [i * N // d for i in range(d)]
+
+
+def run(tmp_path, corpus, name, nproc, pp, tp=1, worker="train_and_dump_pp.py", **train):
+    cfg = write_config(tmp_path / f"{name}.yaml", corpus, apollo=APOLLO,
+                       model={"vocab_size": corpus.vocab + 5},
+                       parallel={"tp": tp, "pp": pp},
+                       train={"steps": 12, "micro_batch": 2, "out_dir": str(tmp_path / name),
+                              "eval_interval": 6, **train})
+    out = tmp_path / f"{name}.pt"
+    torchrun(nproc, f"tests/distributed/workers/{worker}",
+             ["--config", str(cfg), "--out", str(out)])
+    stages = torch.load(str(out) + ".stages.pt") if pp > 1 else None
+    return read_metrics(tmp_path / name), torch.load(out), stages
+
+
+def assert_same_run(a, b):
+    (ma, wa, _), (mb, wb, _) = a, b
+    assert [r["n_unique"] for r in ma] == [1] * 5 + [2] * 3 + [4] * 4
+    assert [r["n_unique"] for r in mb] == [1] * 5 + [2] * 3 + [4] * 4
+    assert [r["layer_maps"] for r in ma] == [r["layer_maps"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4), ra["step"]
+        if "eval_loss" in ra:
+            assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-5), ra["step"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def assert_replicas_identical(stages):
+    shared = 0
+    for k in stages[0]:
+        owners = [sd[k] for sd in stages if k in sd]
+        shared += len(owners) > 1
+        for t in owners[1:]:
+            assert torch.equal(t, owners[0]), k
+    assert shared > 0   # the embedding and at least one pool layer are replicated
+
+
+@pytest.fixture(scope="module")
+def pp1(corpus, tmp_path_factory):
+    return run(tmp_path_factory.mktemp("pp1"), corpus, "pp1", 1, 1, worker="train_and_dump.py")
+
+
+def test_pp2_matches_single_process(pp1, corpus, tmp_path):
+    pp2 = run(tmp_path, corpus, "pp2", 2, 2)
+    assert_same_run(pp1, pp2)
+    assert_replicas_identical(pp2[2])
+
+
+def test_resume_at_pp2_across_expansion(pp1, corpus, tmp_path):
+    run(tmp_path, corpus, "resume", 2, 2, stop_after=5)
+    assert len(read_metrics(tmp_path / "resume")) == 5
+    resumed = run(tmp_path, corpus, "resume", 2, 2)
+    assert [r["step"] for r in resumed[0]] == list(range(1, 13))
+    assert_same_run(pp1, resumed)
+    assert_replicas_identical(resumed[2])
+
+
+def test_tp2_pp2_matches_single_process(pp1, corpus, tmp_path):
+    # 4 processes, DP=1: the same micro-batches as the single process
+    tp2pp2 = run(tmp_path, corpus, "tp2pp2", 4, 2, tp=2)
+    assert_same_run(pp1, tp2pp2)
+    assert_replicas_identical(tp2pp2[2])

@@ -1,0 +1,224 @@
+"""Hugging Face export (python -m apollo_ds.convert.to_hf) from real 2-process runs.
+
+The fast case trains TP=2 x ZeRO-2 (fp32, vocabulary padded) with Apollo growing the pool
+2 -> 4, checkpointing before and after the growth. The export of each tag is loaded with
+AutoModelForCausalLM / AutoTokenizer (offline) and compared with apollo_ds's own PoolGPT in
+this process (TP=1), whose weights come from sources independent of the exporter:
+
+- the final tag: the live run's gathered weights (train_and_dump.py: full_state_dict of the
+  trained model, written by rank 0 after the last checkpoint);
+- the mid-Apollo tag (2 unique layers): the module weights DeepSpeed saved in the
+  mp_rank_XX_model_states.pt files, joined along each parameter's own ``partition_dim``;
+  PoolGPT runs it at full depth with layer_map(2, 4) = [0, 0, 1, 1].
+
+The slow case does the same for ZeRO-3 with data parallelism (TP=1, DP=2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import real_text_lines, torchrun, write_config
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+WORKER = "tests/distributed/workers/train_and_dump.py"
+ATOL = 1e-4
+# Texts the tokenizer conversion has to get exactly right besides the corpus lines.
+EDGE_TEXTS = ["", " ", "  two  spaces  ", " leading", "trailing ", "tab\tand\nnewline",
+              "digits 0123456789 3.14", "caf\u00e9 \u65e5\u672c \U0001F600", "<s> </s> <pad>"]
+
+
+def _train(tmp_path: Path, corpus, name: str, tp: int, zero: int) -> dict:
+    out_dir = tmp_path / name
+    cfg = write_config(tmp_path / f"{name}.yaml", corpus,
+                       model={"pad_vocab_to": 96},        # 512 -> 576 rows: padding to drop
+                       parallel={"tp": tp},
+                       apollo={"enabled": True, "stages": [2, 4], "stage_ends": [2]},
+                       train={"steps": 4, "save_interval": 2, "eval_iters": 1,
+                              "out_dir": str(out_dir),
+                              "deepspeed_config": f"ds_configs/zero{zero}_fp32.json"})
+    dump = tmp_path / f"{name}_full.pt"
+    torchrun(2, WORKER, ["--config", str(cfg), "--out", str(dump)])
+    ckpt = out_dir / "checkpoints"
+    return {"out_dir": out_dir, "ckpt": ckpt, "dump": torch.load(dump),
+            "latest": (ckpt / "latest").read_text().strip()}
+
+
+def _export(src: Path, dst: Path, tokenizer: str, *extra: str) -> None:
+    from apollo_ds.convert.to_hf import main
+    assert main(["--checkpoint", str(src), "--output", str(dst), "--tokenizer", tokenizer,
+                 *extra]) == 0
+
+
+def _pool_model(run_state: dict, full: dict):
+    """apollo_ds's PoolGPT (TP=1) holding ``full`` (unpadded vocabulary)."""
+    from apollo_ds.config import ModelConfig
+    from apollo_ds.model.gpt import PoolGPT
+    cfg = ModelConfig(**run_state["model"])
+    model = PoolGPT(cfg, run_state["n_unique"]).eval()
+    sd = {}
+    for name, p in model.named_parameters():
+        t = full[name].float()
+        if name == "word_embeddings.weight":     # re-pad: padded rows are masked to -inf
+            t = torch.cat([t, t.new_zeros(p.shape[0] - t.shape[0], t.shape[1])])
+        sd[name] = t
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected
+    return model, cfg
+
+
+def _module_weights(tag_dir: Path, run_state: dict) -> dict:
+    """Full weights from the module copies in the ZeRO<=2 model-state files."""
+    from apollo_ds.config import ModelConfig
+    from apollo_ds.model.gpt import PoolGPT
+    cfg = ModelConfig(**run_state["model"])
+    shapes = PoolGPT(cfg, run_state["n_unique"])      # for partition_dim of each parameter
+    mods = [torch.load(tag_dir / f"mp_rank_{r:02d}_model_states.pt", weights_only=False,
+                       map_location="cpu")["module"] for r in range(run_state["tp"])]
+    full = {}
+    for name, p in shapes.named_parameters():
+        parts = [m[name].float() for m in mods]
+        tp_split = getattr(p, "tensor_model_parallel", False)
+        full[name] = torch.cat(parts, p.partition_dim) if tp_split else parts[0]
+    full["word_embeddings.weight"] = full["word_embeddings.weight"][:cfg.vocab_size]
+    return full
+
+
+def _token_batch(tok, seq_len: int) -> torch.Tensor:
+    rows = [ids for ids in (tok.encode(t, truncation=True, max_length=seq_len)
+                            for t in real_text_lines(50)) if len(ids) == seq_len][:3]
+    return torch.tensor(rows)
+
+
+def _check_parity(hf_dir: Path, run_state: dict, full: dict) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apollo_ds.apollo.layer_maps import layer_map
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    m = run_state["model"]
+    assert hf.config.n_layer == m["layers"] and hf.config.vocab_size == m["vocab_size"]
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()   # tied
+    ref, cfg = _pool_model(run_state, full)
+    tokens = _token_batch(tok, cfg.seq_len)
+    assert tokens.shape == (3, cfg.seq_len)
+    lmap = layer_map(run_state["n_unique"], cfg.layers)
+    with torch.no_grad():
+        want = ref(tokens, lmap)[..., :cfg.vocab_size].float()
+        got = hf(tokens).logits.float()
+    diff = (got - want).abs().max().item()
+    print(f"{hf_dir.name}: N={run_state['n_unique']} map={lmap} max|logits diff| = {diff:.3e}")
+    assert torch.isfinite(got).all()
+    assert diff <= ATOL, f"{hf_dir}: logits differ from PoolGPT by {diff:.3g}"
+    return diff
+
+
+def _check_tokenizer(hf_dir: Path, spm_path: str) -> None:
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    sp = spm.SentencePieceProcessor(model_file=spm_path)
+    tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    texts = real_text_lines(300) + EDGE_TEXTS
+    got = tok(texts, add_special_tokens=True)["input_ids"]
+    bad = [t for t, g in zip(texts, got) if g != sp.encode(t)]
+    assert not bad, f"{len(bad)} texts encode differently, e.g. {bad[0][:80]!r}"
+    ids = sp.encode(texts[0])
+    assert tok.decode(ids) == sp.decode(ids) == texts[0]
+    assert (tok.eos_token_id, tok.pad_token_id) == (sp.eos_id(), sp.pad_id())
+
+
+def _show(capsys) -> str:
+    """Pass captured output through (the exporter's progress lines, the parity numbers)."""
+    _show.last = capsys.readouterr().out
+    with capsys.disabled():
+        print(_show.last, end="")
+    return _show.last
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory, corpus):
+    return _train(tmp_path_factory.mktemp("export_tp2"), corpus, "tp2_zero2", tp=2, zero=2)
+
+
+def test_export_tp2_zero2_apollo(tp2_run, corpus, single_process_group, tmp_path, monkeypatch,
+                                 capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = tp2_run
+    final_state = json.loads((run["ckpt"] / run["latest"] / "run_state.json").read_text())
+    assert final_state["n_unique"] == 4 and final_state["tp"] == 2
+
+    # Final tag, addressed by the run's out_dir (the tag comes from `latest`).
+    hf_final = tmp_path / "hf_final"
+    _export(run["out_dir"], hf_final, corpus.tokenizer)
+    _show(capsys)
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in hf_final.iterdir()}
+    _check_parity(hf_final, final_state, run["dump"])
+    _check_tokenizer(hf_final, corpus.tokenizer)
+
+    # Mid-Apollo tag (pool of 2 for 4 layers), addressed by its tag directory.
+    mid = run["ckpt"] / "step_0000002"
+    mid_state = json.loads((mid / "run_state.json").read_text())
+    assert mid_state["n_unique"] == 2
+    hf_mid = tmp_path / "hf_mid"
+    _export(mid, hf_mid, corpus.tokenizer)
+    assert "full-depth" in _show(capsys) and "[0, 0, 1, 1]" in _show.last
+    _check_parity(hf_mid, mid_state, _module_weights(mid, mid_state))
+    _show(capsys)
+
+
+def test_export_refusals(tp2_run, corpus, tmp_path, capsys):
+    from apollo_ds.convert.to_hf import main
+
+    def refused(src, *extra) -> str:
+        capsys.readouterr()
+        rc = main(["--checkpoint", str(src), "--output", str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("to_hf: error: ") and err.count("\n") == 1, err
+        return err
+
+    tok = ["--tokenizer", corpus.tokenizer]
+    assert "does not exist" in refused(tmp_path / "nope", *tok)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no `latest` file" in refused(empty, *tok)
+    # A copied tag whose rank-1 model-state file never got written.
+    broken = tmp_path / "broken"
+    shutil.copytree(run_tag := tp2_run["ckpt"] / tp2_run["latest"], broken)
+    (broken / "mp_rank_01_model_states.pt").unlink()
+    err = refused(broken, *tok)
+    assert "incomplete" in err and "mp_rank_01_model_states.pt" in err
+    # No run_state.json: an interrupted save.
+    (broken / "run_state.json").unlink()
+    (tmp_path / "ck").mkdir()
+    shutil.move(str(broken), tmp_path / "ck" / "step_1")
+    (tmp_path / "ck" / "latest").write_text("step_1")
+    assert "incomplete" in refused(tmp_path / "ck", *tok)
+    # The run does not record its tokenizer: --tokenizer is required and says so.
+    assert "--tokenizer" in refused(run_tag)
+
+
+@pytest.mark.slow
+def test_export_zero3_dp2(tmp_path, corpus, single_process_group, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = _train(tmp_path, corpus, "dp2_zero3", tp=1, zero=3)
+    state = json.loads((run["ckpt"] / run["latest"] / "run_state.json").read_text())
+    assert state["dp"] == 2 and state["n_unique"] == 4
+    hf_dir = tmp_path / "hf"
+    _export(run["ckpt"], hf_dir, corpus.tokenizer)
+    _check_parity(hf_dir, state, run["dump"])
+    # The mid-Apollo ZeRO-3 tag exports at full depth with each pool layer used twice.
+    from safetensors.torch import load_file
+    _export(run["ckpt"] / "step_0000002", tmp_path / "hf_mid", corpus.tokenizer)
+    w = load_file(tmp_path / "hf_mid" / "model.safetensors")
+    key = "transformer.h.{}.attn.c_attn.weight"
+    assert torch.equal(w[key.format(0)], w[key.format(1)])
+    assert torch.equal(w[key.format(2)], w[key.format(3)])
+    assert not torch.equal(w[key.format(1)], w[key.format(2)])
