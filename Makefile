@@ -9,7 +9,7 @@ DATA := $(CACHE)/data
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv data demo test test-all test-slow bench clean
+.PHONY: venv data demo test test-all test-slow bench plan clean
 
 venv: $(STAMP)
 $(STAMP): setup.py
@@ -20,14 +20,19 @@ $(STAMP): setup.py
 	DS_BUILD_OPS=0 $(VPY) -m pip install -q -e '.[mpi,test]'
 	touch $(STAMP)
 
-# Corpus -> tokenizer -> indexed dataset; each step is skipped when its output exists.
-data: $(STAMP)
+# Corpus -> tokenizer -> indexed dataset, as file dependencies: a rebuilt corpus rebuilds what
+# depends on it, and a rerun with everything present does nothing.
+data: $(DATA)/corpus.idx
+
+$(DATA)/corpus.txt: | $(STAMP)
 	$(VPY) data_prep/fetch_corpus.py --out-dir $(DATA)
-	test -f $(DATA)/spm8k.model || $(VPY) data_prep/train_tokenizer.py --input $(DATA)/corpus.txt \
-		--vocab-size 8192 --model-prefix $(DATA)/spm8k
-	test -f $(DATA)/corpus.idx || $(VPY) data_prep/preprocess_data.py \
-		--input $(DATA)/corpus.txt --tokenizer-model $(DATA)/spm8k.model \
-		--output-prefix $(DATA)/corpus --workers 2 --append-eod
+
+$(DATA)/spm8k.model: $(DATA)/corpus.txt
+	$(VPY) data_prep/train_tokenizer.py --input $< --vocab-size 8192 --model-prefix $(DATA)/spm8k
+
+$(DATA)/corpus.idx: $(DATA)/corpus.txt $(DATA)/spm8k.model
+	$(VPY) data_prep/preprocess_data.py --input $(DATA)/corpus.txt \
+		--tokenizer-model $(DATA)/spm8k.model --output-prefix $(DATA)/corpus --workers 2 --append-eod
 
 demo: data
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 2 apollo_ds/pretrain.py \
@@ -46,6 +51,9 @@ test-all: $(STAMP)
 
 bench: data
 	$(VPY) benchmarks/throughput.py --data-prefix $(DATA)/corpus --tokenizer $(DATA)/spm8k.model
+
+plan: $(STAMP)
+	$(VENV)/bin/apollo-ds plan --config configs/tiny_cpu.yaml
 
 clean:
 	rm -rf runs build *.egg-info

@@ -8,15 +8,16 @@ import pytest
 from tests.conftest import torchrun, write_config
 
 
-@pytest.mark.parametrize("zero,mode", [(0, "copy"), (1, "copy"), (2, "copy"), (3, "copy"),
-                                       (1, "reset")])
-def test_expansion_identity_and_state_transfer(zero, mode, corpus, tmp_path):
+@pytest.mark.parametrize("zero,mode,dtype", [(0, "copy", "fp32"), (1, "copy", "fp32"),
+                                             (2, "copy", "fp32"), (3, "copy", "fp32"),
+                                             (1, "reset", "fp32"), (3, "copy", "bf16")])
+def test_expansion_identity_and_state_transfer(zero, mode, dtype, corpus, tmp_path):
     cfg = write_config(tmp_path / "run.yaml", corpus,
                        model={"layers": 8},
                        apollo={"enabled": True, "stages": [2, 4, 8], "stage_ends": [3, 5],
                                "optimizer_state": mode},
                        train={"steps": 8, "out_dir": str(tmp_path / "out"),
-                              "deepspeed_config": f"ds_configs/zero{zero}_fp32.json"})
+                              "deepspeed_config": f"ds_configs/zero{zero}_{dtype}.json"})
     out = tmp_path / "result.json"
     torchrun(2, "tests/distributed/workers/expansion_check.py",
              ["--config", str(cfg), "--out", str(out)])

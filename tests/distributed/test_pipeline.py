@@ -53,14 +53,15 @@ def assert_same_run(a, b):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
-def assert_replicas_identical(stages):
-    shared = 0
+def assert_replicas_identical(stages, must_share=("word_embeddings.weight",)):
+    shared = set()
     for k in stages[0]:
         owners = [sd[k] for sd in stages if k in sd]
-        shared += len(owners) > 1
+        if len(owners) > 1:
+            shared.add(k)
         for t in owners[1:]:
             assert torch.equal(t, owners[0]), k
-    assert shared > 0   # the embedding and at least one pool layer are replicated
+    assert set(must_share) <= shared, (must_share, sorted(shared))
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,16 @@ def test_pp2_matches_single_process(pp1, corpus, tmp_path):
 
 
 def test_resume_at_pp2_across_expansion(pp1, corpus, tmp_path):
-    run(tmp_path, corpus, "resume", 2, 2, stop_after=5)
+    # Stops at the last step of the N=1 and N=2 stages, so each resume starts with an
+    # expansion; pool layer 0 is replicated on both pipeline stages at N=1 and N=2.
+    _, _, stages = run(tmp_path, corpus, "resume", 2, 2, stop_after=5)
     assert len(read_metrics(tmp_path / "resume")) == 5
+    assert_replicas_identical(stages, ("word_embeddings.weight", "pool.0.qkv.weight",
+                                       "pool.0.fc2.bias"))
+    _, _, stages = run(tmp_path, corpus, "resume", 2, 2, stop_after=8)
+    assert len(read_metrics(tmp_path / "resume")) == 8
+    assert_replicas_identical(stages, ("word_embeddings.weight", "pool.0.qkv.weight",
+                                       "pool.0.input_norm.weight"))
     resumed = run(tmp_path, corpus, "resume", 2, 2)
     assert [r["step"] for r in resumed[0]] == list(range(1, 13))
     assert_same_run(pp1, resumed)
