@@ -58,10 +58,19 @@ _TOKENIZER_SAMPLES = [
     "digits 1234567890 and 3.14159; punctuation: (a) [b] {c} -- \"quoted\" 'single'",
     "Unicode: caf\u00e9 na\u00efve \u00dcber \u65e5\u672c\u8a9e \u2603 \U0001F600",
     "tab\tseparated\nnew line",
-    "<s> and </s> and <unk> and <pad> are text here",
     "",
     " ",
 ]
+
+
+_UNREACHABLE = -1e6       # Unigram score for pieces SentencePiece never matches in text
+
+
+# Text spelling SentencePiece's control and byte pieces: SentencePiece encodes it as text. The
+# BPE conversion does too; a Unigram one can pick the control/byte piece when the text's
+# characters are not all in the vocabulary (tokenizers' Unigram has no unmatchable pieces), so
+# for Unigram a difference here is reported, not refused.
+_LITERAL_SPECIALS = "<s> and </s> and <unk> and <pad> are text here, as are <0x41> and <0xE2>"
 
 
 class ExportError(ConfigError):
@@ -357,7 +366,11 @@ def build_tokenizer(spm_path: str, max_len: int):
     if kind == 2:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     elif kind == 1:
-        vocab = [(p.piece, p.score) for p in proto.pieces]
+        # SentencePiece never produces unknown, control or byte pieces from matching text
+        # ("<s>" or "<0x41>" in text stay text); tokenizers' Unigram would, at their score
+        # of 0. Keep them in the vocabulary (ids, byte fallback) but out of reach.
+        vocab = [(p.piece, p.score if p.type in (1, 4) else _UNREACHABLE)
+                 for p in proto.pieces]
     else:
         raise ExportError(f"tokenizer {spm_path}: SentencePiece model type {kind} is not "
                           f"supported (bpe or unigram)")
@@ -387,14 +400,21 @@ def check_tokenizer(out_dir: str, spm_path: str, texts: list[str]) -> int:
     from transformers.utils import logging as hf_logging
     sp = spm.SentencePieceProcessor(model_file=spm_path)
     hf = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    texts = [_LITERAL_SPECIALS] + list(texts)
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()     # texts longer than model_max_length are fine here
     try:
         got_all = [hf.encode(text, add_special_tokens=True) for text in texts]
     finally:
         hf_logging.set_verbosity(level)
+    unigram = _spm_proto(spm_path).trainer_spec.model_type == 1
     for text, got in zip(texts, got_all):
         want = list(sp.encode(text))
+        if want != got and text is _LITERAL_SPECIALS and unigram:
+            log("warning: Unigram tokenizer: text that spells a control or byte piece (e.g. "
+                "'<s>') can encode to that piece where SentencePiece spells it out; ordinary "
+                "text is unaffected")
+            continue
         if want != got:
             raise ExportError(f"the converted tokenizer encodes {text[:60]!r} to {got[:12]}... "
                               f"but SentencePiece gives {want[:12]}...; this SentencePiece "
@@ -441,18 +461,21 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, tag: str 
         raise ExportError(f"--output {output} is a file; give a directory")
 
     tok, tok_ids, n_pieces = build_tokenizer(tokenizer, int(model["seq_len"]))
-    if n_pieces != int(model["vocab_size"]):
+    if n_pieces > int(model["vocab_size"]):
         raise ExportError(f"tokenizer {tokenizer} has {n_pieces} pieces but the checkpoint's "
                           f"model.vocab_size is {model['vocab_size']}; pass the run's tokenizer")
+    if n_pieces < int(model["vocab_size"]):
+        log(f"note: the tokenizer has {n_pieces} pieces; the model keeps all "
+            f"{model['vocab_size']} rows of model.vocab_size (ids >= {n_pieces} unused)")
 
     import torch
     full = load_full_state(tag_dir, state)
     grow = (state.get("apollo") or {}).get("grow", "interpolate")
     lmap = layer_map(n_unique, L, grow)
     if n_unique < L:
+        rule = "floor(i*N/L)" if grow == "interpolate" else "i % N"
         log(f"pool holds {n_unique} < {L} unique layers (checkpoint mid-Apollo): exporting the "
-            f"full-depth network, HF layer i = pool layer {'floor(i*N/L)' if grow == 'interpolate' else 'i % N'}"
-            f" ({grow}) = {lmap}")
+            f"full-depth network, HF layer i = pool layer {rule} ({grow}) = {lmap}")
     else:
         log(f"pool holds all {L} layers: HF layer i = pool layer i")
     sd = to_gpt2_state(full, model, n_unique, lmap)

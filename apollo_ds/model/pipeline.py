@@ -287,8 +287,9 @@ def run_micro_batches(trainer, step: int, plan) -> torch.Tensor:
         raise NonFiniteLoss(
             f"non-finite loss at step {step} (depths {[p[0] for p in plan]}, samples "
             f"{base}..{base + t.global_batch - 1}); lower train.lr or check the data")
-    # train_step all-reduces the sum over DP and divides by grad_accum * dp.
-    return loss_sum / d.dp
+    # train_step all-reduces this over DP and divides by grad_accum * dp: every DP rank holds
+    # the DP mean already, so each contributes mean * grad_accum.
+    return loss_sum
 
 
 @torch.no_grad()

@@ -111,7 +111,8 @@ class Trainer:
                 "flops_spent": self.flops_spent, "flops_full": self.flops_full,
                 "wall_s": self._wall(),
                 "tp": self.dist.tp, "pp": self.dist.pp, "dp": self.dist.dp,
-                "model": asdict(self.cfg.model), "apollo": asdict(self.cfg.apollo)}
+                "model": asdict(self.cfg.model), "apollo": asdict(self.cfg.apollo),
+                "data": {"tokenizer": os.path.abspath(self.cfg.data.tokenizer)}}
 
     def _check_plan(self, step: int, plan) -> None:
         # Each rank also records its own plan, so a test (or a user) can compare them.

@@ -75,6 +75,19 @@ def test_pp2_matches_single_process(pp1, corpus, tmp_path):
     assert_replicas_identical(pp2[2])
 
 
+def test_pp2_zero0_matches_single_process(pp1, corpus, tmp_path):
+    pp2 = run(tmp_path, corpus, "pp2z0", 2, 2, deepspeed_config="ds_configs/zero0_fp32.json")
+    assert_same_run(pp1, pp2)
+    assert_replicas_identical(pp2[2])
+
+
+def test_dp2_pp2_matches_single_process(pp1, corpus, tmp_path):
+    # 4 processes: micro_batch 1 x DP 2 is the single process's micro-batch of 2
+    dp2pp2 = run(tmp_path, corpus, "dp2pp2", 4, 2, micro_batch=1)
+    assert_same_run(pp1, dp2pp2)
+    assert_replicas_identical(dp2pp2[2])
+
+
 def test_resume_at_pp2_across_expansion(pp1, corpus, tmp_path):
     # Stops at the last step of the N=1 and N=2 stages, so each resume starts with an
     # expansion; pool layer 0 is replicated on both pipeline stages at N=1 and N=2.
