@@ -3,18 +3,19 @@ losses on fixed batches at several depths before/after, the gathered fp32 master
 moments of every parameter before/after, and the next step's loss on every rank.
 
 usage: expansion_check.py --config CFG --out RESULT.json [overrides]"""
-import argparse
 import json
+import os
 import sys
 
 import torch
 
-from apollo_ds import distributed
-from apollo_ds.apollo import layer_map
-from apollo_ds.apollo.expand import optimizer_step_count, read_state, source_name
-from apollo_ds.apollo.layer_maps import expansion_sources
-from apollo_ds.config import load_config, validate
-from apollo_ds.training.loop import Trainer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import start  # noqa: E402
+
+from apollo_ds.apollo import layer_map  # noqa: E402
+from apollo_ds.apollo.expand import optimizer_step_count, read_state, source_name  # noqa: E402
+from apollo_ds.apollo.layer_maps import expansion_sources  # noqa: E402
+from apollo_ds.training.loop import Trainer  # noqa: E402
 
 
 @torch.no_grad()
@@ -33,15 +34,7 @@ def fixed_losses(tr: Trainer, depths):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--config")
-    p.add_argument("--out")
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
-    cfg = validate(load_config(a.config, a.overrides))
-    dist = distributed.init(cfg.parallel.tp, cfg.parallel.pp)
-    validate(cfg, world_size=dist.world)
-    tr = Trainer(cfg, dist)
+    a, cfg, dist, tr = start()
     boundary = tr.schedule.end_step(0)
     for s in range(1, boundary + 1):
         tr.train_step(s)

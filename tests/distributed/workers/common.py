@@ -1,0 +1,19 @@
+"""Start-up shared by the torchrun test workers: parse --config/--out/overrides, validate,
+initialise the process groups and build the Trainer exactly as pretrain.py does."""
+import argparse
+
+from apollo_ds import distributed
+from apollo_ds.config import load_config, validate
+from apollo_ds.training.loop import Trainer
+
+
+def start():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    p.add_argument("--out")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args()
+    cfg = validate(load_config(a.config, a.overrides))
+    dist = distributed.init(cfg.parallel.tp, cfg.parallel.pp)
+    validate(cfg, world_size=dist.world)
+    return a, cfg, dist, Trainer(cfg, dist)
