@@ -260,7 +260,32 @@ def build(trainer, n_unique: int, model: PipeGPT | None = None):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                            optimizer=optimizer, config=trainer.ds_config,
                                            mpu=None)
+    # ZeRO-0 fp32 clips with deepspeed.runtime.utils.clip_grad_norm_, which under a pipeline
+    # grid counts tied replicas on every owner and drops the non-tensor-parallel parameters of
+    # every stage but the first (it tests grid.get_model_parallel_rank() == 0, a pipe x tensor
+    # rank); ZeRO 1 (stage_1_and_2) is correct. Clip with the PP=1 norm instead.
+    engine.clip_fp32_gradients = lambda: clip_pipe_grad_norm_(model, engine.gradient_clipping())
     return model, engine
+
+
+@torch.no_grad()
+def clip_pipe_grad_norm_(model: PipeGPT, max_norm: float) -> torch.Tensor:
+    """DeepSpeed's clip_grad_norm_ (2-norm) with each parameter counted once: tied replicas
+    only on their first owner (``ds_pipe_replicated``), tensor-parallel-duplicated ones only on
+    TP rank 0; squared norms summed over the pipeline x tensor group of this DP replica."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norms = [p.grad.detach().float().norm(2) for p in params
+             if not getattr(p, "ds_pipe_replicated", False)
+             and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    total = (torch.stack(norms).pow(2).sum().float() if norms
+             else torch.zeros((), dtype=torch.float32)).reshape(1)
+    torch.distributed.all_reduce(total, group=model._grid.get_model_parallel_group())
+    total = total.pow(0.5)
+    clip_coef = torch.min(torch.tensor([1.0]), torch.tensor([float(max_norm)]) / (total + 1e-6))
+    for p in params:
+        p.grad.data.mul_(clip_coef)
+    return total
 
 
 def _depth(d: int) -> torch.Tensor:

@@ -45,7 +45,8 @@ def assert_same_run(a, b):
     assert [r["layer_maps"] for r in ma] == [r["layer_maps"] for r in mb]
     for ra, rb in zip(ma, mb):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
-        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4), ra["step"]
+        if rb["grad_norm"] is not None:   # DeepSpeed reports no norm under ZeRO-0 fp32
+            assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4), ra["step"]
         if "eval_loss" in ra:
             assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], rel=1e-5), ra["step"]
     assert wa.keys() == wb.keys()
