@@ -20,8 +20,25 @@ Layouts (``--layouts``): each layout is a (tp, pp) split of the same process cou
 plain are compared inside each layout. megatron-core's parallel state is global to a process,
 so different layouts cannot share one process: with several layouts this script starts one
 worker process group (torchrun) per (layout, round), alternating layouts round by round, and
-pools the per-step times. PP is refused by the model today (``parallel.pp`` must be 1); a
-``tp1pp2`` layout name is parsed already, so adding it is a matter of model support.
+pools the per-step times.
+
+Pipeline layouts (``pp2``, ``tp1pp2``, ...) and the Trainer route: PoolGPT cannot be split
+into stages, so a pp>1 layout is measured by timing ``apollo_ds.training.loop.Trainer.
+train_step`` (Apollo off: full depth L, layer map [0..L-1]; for pp>1 it dispatches to
+apollo_ds.model.pipeline, a DeepSpeed PipelineModule run by ``engine.train_batch``). Same model
+size, micro-batch, global batch, DeepSpeed config and seed as the pool/plain comparison. So
+that layouts are compared like with like, ``--trainer-route auto`` (default) times the same
+Trainer.train_step in EVERY layout as soon as one layout has pp>1 (pp=1 layouts still run the
+pool/plain comparison too); the "trainer tokens/s X / Y" lines compare that route only. The
+Trainer route loads its micro-batches inside the step (the pool/plain route preloads them).
+
+Pipeline bubble: DeepSpeed's TrainSchedule (1F1B) runs m micro-batches over S stages in
+m+S-1 slots per direction, so the idle (bubble) fraction is (S-1)/(m+S-1) (printed as
+"analytic"). ``--bubble-fit`` (default on with the Trainer route) also times a second Trainer
+with the global batch doubled (2m micro-batches of the same size, interleaved ABBA with the m
+one) and fits t(m) = a*(m+b): a = (t(2m)-t(m))/m, b = t(m)/a - m, "measured" = b/(m+b). b
+lumps every per-step fixed cost (optimizer step, gradient all-reduce, pipeline start-up) with
+the bubble, so read the pp>1 value against the pp=1 layouts' b (no bubble there).
 
 A single-process run (the default, ``--nproc 1``) creates a 1-rank gloo group (CPU) via
 apollo_ds.distributed.init, which also sets up megatron-core's parallel_state.
@@ -70,8 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--deepspeed-config", default="ds_configs/zero1_fp32.json")
     p.add_argument("--layouts", default="tp1",
-                   help="comma list of layouts: tp1, tp2, tp2pp1, ... (pp>1 is refused by the "
-                        "model today). Several layouts need --nproc >= their tp*pp")
+                   help="comma list of layouts: tp1, tp2, pp2, tp1pp2, ... (pp>1 is timed "
+                        "through Trainer.train_step). Layouts need --nproc a multiple of tp*pp")
+    p.add_argument("--trainer-route", choices=("auto", "on", "off"), default="auto",
+                   help="also time Trainer.train_step in every layout (auto: when a layout "
+                        "has pp>1, which needs it)")
+    p.add_argument("--bubble-fit", choices=("auto", "on", "off"), default="auto",
+                   help="Trainer route: also time 2m micro-batches per step to fit the "
+                        "per-step fixed cost / pipeline bubble (auto: on with the route)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes per layout (torchrun; 1: this process only)")
     p.add_argument("--layout-rounds", type=int, default=2,
@@ -96,6 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.layout_list = [parse_layout(x) for x in a.layouts.split(",") if x.strip()]
     if not a.layout_list:
         p.error("--layouts is empty")
+    any_pp = any(pp > 1 for _, _, pp in a.layout_list)
+    if a.trainer_route == "off" and any_pp:
+        p.error("pp>1 layouts are measured only through the Trainer route (--trainer-route)")
+    a.use_trainer = a.trainer_route == "on" or (a.trainer_route == "auto" and any_pp)
+    a.use_bubble_fit = a.use_trainer and a.bubble_fit != "off"
     for name, tp, pp in a.layout_list:
         if a.nproc % (tp * pp):
             p.error(f"layout {name} needs a process count that is a multiple of tp*pp="
@@ -171,18 +199,19 @@ def make_plain_class():
 
 
 # ----------------------------------------------------------------------------- worker
-def build_cfg(a, tp: int, pp: int, vocab: int):
+def build_cfg(a, tp: int, pp: int, vocab: int, extra=(), global_batch=None):
     from apollo_ds.config import load_config
     over = [f"model.layers={a.layers}", f"model.hidden={a.hidden}", f"model.heads={a.heads}",
             f"model.seq_len={a.seq_len}", f"model.vocab_size={vocab}",
             f"parallel.tp={tp}", f"parallel.pp={pp}",
             f"data.prefix={a.data_prefix}", f"data.tokenizer={a.tokenizer}",
             f"data.cache_dir={os.path.join(REPO, '.cache', 'apollo_ds', 'bench', 'index_cache')}",
-            f"train.micro_batch={a.micro_batch}", f"train.global_batch={a.global_batch}",
+            f"train.micro_batch={a.micro_batch}",
+            f"train.global_batch={global_batch or a.global_batch}",
             f"train.steps={a.warmup_steps + a.steps}", "train.lr=0.001", "train.warmup=0",
             f"train.seed={a.seed}", f"train.deepspeed_config={a.deepspeed_config}",
             "train.optimizer=adamw", f"train.out_dir={tempfile.gettempdir()}/apollo_tput"]
-    return load_config(None, over)
+    return load_config(None, over + list(extra))
 
 
 def run_worker(a, layout) -> dict:
@@ -214,6 +243,26 @@ def run_worker(a, layout) -> dict:
         raise SystemExit(f"throughput.py: error: {e}") from None
     d = distributed.init(tp, pp)
     rank0 = d.rank == 0
+    res = {"layout": name, "tp": d.tp, "pp": d.pp, "dp": d.dp, "world": d.world,
+           "threads": torch.get_num_threads(),
+           "tokens_per_step": cfg.train.global_batch * cfg.model.seq_len,
+           "model": vars(cfg.model).copy(), "micro_batch": cfg.train.micro_batch,
+           "global_batch": cfg.train.global_batch, "warmup_steps": a.warmup_steps,
+           "measured_steps": a.steps}
+    if pp == 1:
+        res.update(run_pool_plain(a, cfg, d))
+    if a.use_trainer:
+        res["trainer"] = run_trainer_route(a, tp, pp, vocab, d)
+    return res if rank0 else {}
+
+
+def run_pool_plain(a, cfg, d) -> dict:
+    import torch
+
+    from apollo_ds import distributed
+    from apollo_ds.data import build_datasets, get_micro_batch
+    from apollo_ds.model import PoolGPT, init_weights
+    from apollo_ds.training.engine import build_engine, load_ds_config, lr_at, set_lr
     t = cfg.train
     grad_accum = t.global_batch // (t.micro_batch * d.dp)
     total_steps = a.warmup_steps + a.steps
@@ -282,14 +331,65 @@ def run_worker(a, layout) -> dict:
     # Same weights, data and optimizer: the two losses must agree (up to float reassociation).
     max_loss_diff = max(abs(x - y) for x, y in zip(losses["pool"], losses["plain"]))
     tokens = t.global_batch * cfg.model.seq_len
-    res = {"layout": name, "tp": d.tp, "pp": d.pp, "dp": d.dp, "world": d.world,
-           "threads": torch.get_num_threads(), "tokens_per_step": tokens,
-           "n_params": n_params, "model": vars(cfg.model).copy(),
-           "micro_batch": t.micro_batch, "global_batch": t.global_batch,
-           "warmup_steps": a.warmup_steps, "measured_steps": a.steps,
-           "step_times": times, "step_turns": turns, "losses": losses, "max_loss_diff": max_loss_diff,
-           "order": "".join("A" if o == "pool" else "B" for o in order)}
-    return res if rank0 else {}
+    return {"n_params": n_params, "tokens_per_step": tokens,
+            "step_times": times, "step_turns": turns, "losses": losses,
+            "max_loss_diff": max_loss_diff,
+            "order": "".join("A" if o == "pool" else "B" for o in order)}
+
+
+def run_trainer_route(a, tp: int, pp: int, vocab: int, d) -> dict:
+    """Time Trainer.train_step (Apollo off: full depth) at global batch B ("m") and, with
+    --bubble-fit, at 2B ("2m": twice the micro-batches of the same size), ABBA-interleaved."""
+    import torch
+
+    from apollo_ds.training.loop import Trainer
+    total = a.warmup_steps + a.steps
+    out_dir = os.path.join(tempfile.gettempdir(),
+                           f"apollo_tput_trainer_{os.environ.get('MASTER_PORT', '0')}")
+    arms = {"m": a.global_batch}
+    if a.use_bubble_fit:
+        arms["2m"] = 2 * a.global_batch
+    trainers = {}
+    for arm, gb in arms.items():
+        cfg = build_cfg(a, tp, pp, vocab, global_batch=gb,
+                        extra=["apollo.enabled=false", "train.check_plan_agreement=false",
+                               f"train.out_dir={out_dir}_{arm}", "train.save_interval=0",
+                               "train.eval_interval=0"])
+        trainers[arm] = Trainer(cfg, d)
+    n_params = sum(p.numel() for p in trainers["m"].model.parameters())
+    n_params_t = torch.tensor([n_params], dtype=torch.int64)
+    if pp > 1:      # each stage holds its part (tied embeddings counted on both ends)
+        torch.distributed.all_reduce(n_params_t)
+        n_params_t //= d.dp
+    times = {k: [] for k in arms}
+    turns = {k: [] for k in arms}
+    losses = {k: [] for k in arms}
+    nxt = {k: 1 for k in arms}
+    names = list(arms)
+    turn = 0
+    while min(nxt.values()) <= total:
+        pair = names if turn % 4 in (0, 3) else names[::-1]
+        for arm in pair:
+            for _ in range(a.steps_per_turn):
+                s = nxt[arm]
+                if s > total:
+                    break
+                torch.distributed.barrier()
+                t0 = time.perf_counter()
+                rec = trainers[arm].train_step(s)
+                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                torch.distributed.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)
+                nxt[arm] = s + 1
+                losses[arm].append(rec["loss"])
+                if s > a.warmup_steps:
+                    times[arm].append(dt.item())
+                    turns[arm].append(turn)
+        turn += 1
+    tr = trainers["m"]
+    return {"step_times": times, "step_turns": turns, "losses": losses,
+            "micro_batches_per_step": {k: trainers[k].grad_accum for k in arms},
+            "stages": d.pp, "n_params_total": int(n_params_t.item()),
+            "tokens_per_step": {k: gb * tr.cfg.model.seq_len for k, gb in arms.items()}}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -311,6 +411,78 @@ def summarise(step_times: dict, tokens: int) -> dict:
     return out
 
 
+def summarise_trainer(tr: dict) -> dict:
+    out = {}
+    for arm, ts in tr["step_times"].items():
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[arm] = {"steps": len(ts), "median_step_s": med, "min_step_s": min(ts),
+                    "p25_step_s": q[0], "p75_step_s": q[2],
+                    "tokens_per_s": tr["tokens_per_step"][arm] / med}
+    S, m = tr["stages"], tr["micro_batches_per_step"]["m"]
+    out["bubble_analytic"] = (S - 1) / (m + S - 1)
+    if "2m" in out:
+        for key, stat in (("median", "median_step_s"), ("min", "min_step_s")):
+            t1, t2 = out["m"][stat], out["2m"][stat]
+            a = (t2 - t1) / m          # seconds per micro-batch slot
+            if a > 0:
+                b = t1 / a - m         # fixed cost in micro-batch slots (bubble + overheads)
+                out[f"fit_{key}"] = {"a_s_per_micro": a, "b_slots": b,
+                                     "bubble_measured": b / (m + b)}
+            else:
+                out[f"fit_{key}"] = None
+    return out
+
+
+def print_trainer_table(results: list[dict]) -> None:
+    rows = [r for r in results if "trainer" in r]
+    if not rows:
+        return
+    print()
+    print("Trainer route: apollo_ds.training.loop.Trainer.train_step, Apollo off (full depth), "
+          "same model / micro / global batch in every layout")
+    print(f"{'layout':<9} {'procs':>5} {'dp':>3} {'S':>2} {'m':>3} {'arm':<4} {'steps':>5} "
+          f"{'median s/step':>13} {'IQR s':>15} {'min s':>7} {'tokens/s':>10}")
+    for r in rows:
+        tr = r["trainer"]
+        ts = tr["summary"]
+        for arm in tr["step_times"]:
+            x = ts[arm]
+            print(f"{r['layout']:<9} {r['world']:>5} {r['dp']:>3} {tr['stages']:>2} "
+                  f"{tr['micro_batches_per_step'][arm]:>3} {arm:<4} {x['steps']:>5} "
+                  f"{x['median_step_s']:>13.4f} "
+                  f"{x['p25_step_s']:>7.4f}-{x['p75_step_s']:<7.4f} {x['min_step_s']:>7.4f} "
+                  f"{x['tokens_per_s']:>10,.0f}")
+    print()
+    print("pipeline bubble at the benchmark's m (micro-batches per step per pipeline); "
+          "analytic = (S-1)/(m+S-1) for DeepSpeed's 1F1B TrainSchedule; measured = b/(m+b) "
+          "from t(m) = a*(m+b) fitted to the m and 2m arms (b includes optimizer/all-reduce "
+          "fixed costs: compare with the S=1 layouts)")
+    for r in rows:
+        tr = r["trainer"]
+        ts = tr["summary"]
+        m = tr["micro_batches_per_step"]["m"]
+        line = (f"{r['layout']:<9} S={tr['stages']} m={m}: analytic {ts['bubble_analytic']:.3f}")
+        for key in ("median", "min"):
+            f = ts.get(f"fit_{key}", "absent")
+            if f == "absent":
+                continue
+            if f is None:
+                line += f" | measured ({key}s): fit failed (t(2m) <= t(m): too noisy)"
+            else:
+                line += (f" | measured ({key}s) {f['bubble_measured']:.3f} "
+                         f"(a {f['a_s_per_micro']:.4f} s/micro-batch, b {f['b_slots']:.2f} slots)")
+        print(line)
+    base = next((r for r in rows if r["tp"] == 1 and r["pp"] == 1), rows[0])
+    for r in rows:
+        if r is base:
+            continue
+        bt, rt = base["trainer"]["summary"]["m"], r["trainer"]["summary"]["m"]
+        print(f"trainer tokens/s {r['layout']} / {base['layout']} = "
+              f"{rt['tokens_per_s'] / bt['tokens_per_s']:.3f} (medians; min-based "
+              f"{bt['min_step_s'] / rt['min_step_s']:.3f}; same {r['world']} processes)")
+
+
 def paired_ratio(step_times: dict, step_turns: dict) -> float | None:
     """Median over turns (each runs both models back to back) of plain_time / pool_time: each
     pair ran back to back, so a slow phase of a shared machine cancels within the pair."""
@@ -325,6 +497,9 @@ def paired_ratio(step_times: dict, step_turns: dict) -> float | None:
 
 def print_table(results: list[dict]) -> None:
     print()
+    results = [r for r in results if "summary" in r]
+    if not results:
+        return
     print(f"{'layout':<9} {'procs':>5} {'model':<6} {'steps':>5} {'median s/step':>13} "
           f"{'IQR s':>15} {'min s':>7} {'tokens/s':>10}")
     for r in results:
@@ -351,6 +526,18 @@ def print_table(results: list[dict]) -> None:
 
 def merge(parts: list[dict]) -> dict:
     r = dict(parts[0])
+    if "trainer" in r:
+        tr = dict(r["trainer"])
+        arms = list(tr["step_times"])
+        tr["step_times"] = {w: [t for p in parts for t in p["trainer"]["step_times"][w]]
+                            for w in arms}
+        tr["step_turns"] = {w: [t + 100000 * i for i, p in enumerate(parts)
+                                for t in p["trainer"]["step_turns"][w]] for w in arms}
+        tr.pop("losses", None)
+        r["trainer"] = tr
+    r["launches"] = len(parts)
+    if "step_times" not in r:
+        return r
     r["step_times"] = {w: [t for p in parts for t in p["step_times"][w]] for w in ("pool", "plain")}
     # keep turns distinct across launches so pairs never span two launches
     r["step_turns"] = {w: [t + 100000 * i for i, p in enumerate(parts)
@@ -365,7 +552,10 @@ def merge(parts: list[dict]) -> dict:
 def launch_worker(a, argv, layout_name: str, out_json: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
            "--master_port", str(free_port()), os.path.abspath(__file__), *argv,
-           "--worker", "--worker-layout", layout_name, "--out", out_json]
+           "--worker", "--worker-layout", layout_name, "--out", out_json,
+           # (the worker sees only its own layout: pass the route decided over all layouts)
+           "--trainer-route", "on" if a.use_trainer else "off",
+           "--bubble-fit", "on" if a.use_bubble_fit else "off"]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                OMP_NUM_THREADS=str(a.threads or max(1, (os.cpu_count() or 1) // a.nproc)),
                PYTHONUNBUFFERED="1")
@@ -414,6 +604,7 @@ def main(argv=None) -> int:
             raise SystemExit("throughput.py: error: tp/pp > 1 needs --nproc >= tp*pp")
         r = run_worker(a, layout)
         r.pop("losses", None)
+        r.get("trainer", {}).pop("losses", None)
         r["launches"] = 1
         results.append(r)
         mode = "1 process (in-process, 1-rank gloo group)"
@@ -433,18 +624,25 @@ def main(argv=None) -> int:
         mode = (f"{a.nproc} processes per layout (torchrun, gloo), "
                 f"{rounds} alternating launch(es) per layout")
     for r in results:
+        if "trainer" in r:
+            r["trainer"]["summary"] = summarise_trainer(r["trainer"])
+        if "step_times" not in r:
+            continue
         r["summary"] = summarise(r["step_times"], r["tokens_per_step"])
         r["summary"]["ratio_pool_over_plain_paired"] = paired_ratio(r["step_times"],
                                                                     r["step_turns"])
     m = results[0]["model"]
+    n_params = next((r["n_params"] for r in results if "n_params" in r),
+                    results[0].get("trainer", {}).get("n_params_total", 0))
     print(f"\nthroughput: pool (layer map [0..L-1]) vs plain sequential GPT; {mode}")
     print(f"model L={m['layers']} hidden={m['hidden']} heads={m['heads']} seq={m['seq_len']} "
-          f"vocab={m['vocab_size']} ({results[0]['n_params'] / 1e6:.2f} M params), "
+          f"vocab={m['vocab_size']} ({n_params / 1e6:.2f} M params), "
           f"micro {results[0]['micro_batch']} global {results[0]['global_batch']}, "
           f"{a.deepspeed_config}, torch AdamW; {a.warmup_steps} warm-up + {a.steps} timed "
           f"steps per model, {a.steps_per_turn} per turn, ABBA order; "
           f"{results[0]['threads']} torch threads/process")
     print_table(results)
+    print_trainer_table(results)
     summary = {"mode": mode, "args": {k: v for k, v in vars(a).items() if k != "layout_list"},
                "elapsed_s": time.time() - t0, "results": results}
     if a.out:
