@@ -141,25 +141,13 @@ class Trainer:
         torch.manual_seed((t.seed * 1_000_003 + step) * 4099 + d.rank)
         lr = lr_at(step, cfg)
         set_lr(self.engine, lr)
-        base = (step - 1) * t.global_batch
         t0 = time.perf_counter()
         loss_sum = torch.zeros(1, dtype=torch.float64)
         if d.pp > 1:
             from apollo_ds.model import pipeline
             loss_sum += pipeline.run_micro_batches(self, step, plan)
-        for k in range(self.grad_accum if d.pp == 1 else 0):
-            j = k * d.dp + d.dp_rank
-            depth, lmap = plan[k]
-            batch = self._batch(self.train_ds, base + j * t.micro_batch)
-            loss = self.engine(batch["tokens"], lmap, batch["labels"], batch["loss_mask"])
-            loss_sum += loss.detach().double().cpu()
-            if k == self.grad_accum - 1 and self._all_ranks_any(not torch.isfinite(loss_sum).all()):
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {step} (depths {[p[0] for p in plan]}, samples "
-                    f"{base}..{base + t.global_batch - 1}); the last checkpoint is the last "
-                    f"good state: lower train.lr or check the data")
-            self.engine.backward(loss)
-            self.engine.step()
+        else:
+            self._run_micro_batches(step, plan, loss_sum)
         torch.distributed.all_reduce(loss_sum, group=self.dp_group)
         elapsed = time.perf_counter() - t0
         tokens = t.global_batch * cfg.model.seq_len
@@ -178,6 +166,24 @@ class Trainer:
                 "flops": flops, "full_depth_flops": full, "flops_per_s": flops / elapsed,
                 "cum_flops": self.flops_spent, "cum_full_depth_flops": self.flops_full,
                 "consumed_samples": self.consumed + t.global_batch}
+
+    def _run_micro_batches(self, step: int, plan, loss_sum: torch.Tensor) -> None:
+        """Forward/backward of this rank's micro-batches; the engine steps at the last."""
+        d, t = self.dist, self.cfg.train
+        base = (step - 1) * t.global_batch
+        for k in range(self.grad_accum):
+            j = k * d.dp + d.dp_rank
+            _, lmap = plan[k]
+            batch = self._batch(self.train_ds, base + j * t.micro_batch)
+            loss = self.engine(batch["tokens"], lmap, batch["labels"], batch["loss_mask"])
+            loss_sum += loss.detach().double().cpu()
+            if k == self.grad_accum - 1 and self._all_ranks_any(not torch.isfinite(loss_sum).all()):
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {step} (depths {[p[0] for p in plan]}, samples "
+                    f"{base}..{base + t.global_batch - 1}); the last checkpoint is the last "
+                    f"good state: lower train.lr or check the data")
+            self.engine.backward(loss)
+            self.engine.step()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -201,11 +207,12 @@ class Trainer:
         return (acc[0] / acc[1]).item()
 
     def expand(self, n_new: int) -> None:
-        from apollo_ds.apollo.expand import expand_engine
-        t0 = time.perf_counter()
-        n_old = self.model.n_unique
         if self.dist.pp > 1:
             from apollo_ds.model.pipeline import expand as expand_engine
+        else:
+            from apollo_ds.apollo.expand import expand_engine
+        t0 = time.perf_counter()
+        n_old = self.model.n_unique
         self.model, self.engine = expand_engine(self, n_new)
         print0(self.dist.rank, f"expanded pool {n_old} -> {n_new} unique layers "
                                f"({self.cfg.apollo.grow}, optimizer state "
@@ -218,7 +225,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- the run
     def run(self) -> dict:
-        cfg, d, t = self.cfg, self.dist, self.cfg.train
+        d, t = self.dist, self.cfg.train
         last = {}
         window = []
         if self.step >= t.steps:
