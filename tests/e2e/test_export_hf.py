@@ -201,8 +201,14 @@ def test_export_refusals(tp2_run, corpus, tmp_path, capsys):
     shutil.move(str(broken), tmp_path / "ck" / "step_1")
     (tmp_path / "ck" / "latest").write_text("step_1")
     assert "incomplete" in refused(tmp_path / "ck", *tok)
-    # The run does not record its tokenizer: --tokenizer is required and says so.
-    assert "--tokenizer" in refused(run_tag)
+    # A run_state without a recorded tokenizer (older runs): --tokenizer is required and says so.
+    old = tmp_path / "old" / "step_1"
+    shutil.copytree(run_tag, old)
+    state = json.loads((old / "run_state.json").read_text())
+    state.pop("data", None)
+    (old / "run_state.json").write_text(json.dumps(state))
+    (tmp_path / "old" / "latest").write_text("step_1")
+    assert "--tokenizer" in refused(tmp_path / "old")
 
 
 @pytest.mark.slow

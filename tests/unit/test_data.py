@@ -271,8 +271,10 @@ def test_parse_blend():
 def test_build_datasets_and_micro_batches(data):
     import torch
     cfg = make_cfg(data, data.txt)
+    had_group = torch.distributed.is_initialized()   # another test may have made one
     train, valid = build_datasets(cfg, 200, 8)
-    assert not torch.distributed.is_initialized()   # the private group is gone again
+    # a private group opened for the build is gone again; an existing one is left alone
+    assert torch.distributed.is_initialized() == had_group
     assert valid is not None and len(valid) >= 8 and len(train) >= 200
     b = get_micro_batch(train, 3, 4)
     assert set(b) == {"tokens", "labels", "loss_mask"}
