@@ -17,6 +17,7 @@ SAMPLERS = ("lvps", "uniform", "sigmoid", "constant_high", "constant_low")
 GROW_METHODS = ("interpolate", "stack")
 OPTIMIZER_STATE_MODES = ("copy", "reset")
 OPTIMIZERS = ("adamw", "torch_adam")
+RECOMPUTE = ("none", "full")
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,7 @@ class TrainConfig:
     deepspeed_config: str = "ds_configs/zero1_fp32.json"
     stop_after: int = 0             # >0: stop (with a checkpoint) after this step; for tests
     check_plan_agreement: bool = False
+    recompute: str = "none"         # full: re-run every transformer layer in backward
 
 
 @dataclass
@@ -238,6 +240,8 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     need(t.warmup >= 0, f"train.warmup={t.warmup} must be >= 0")
     need(t.optimizer in OPTIMIZERS, f"train.optimizer='{t.optimizer}' is unknown; "
          f"choose one of {', '.join(OPTIMIZERS)}")
+    need(t.recompute in RECOMPUTE, f"train.recompute='{t.recompute}' is unknown; choose one "
+         f"of {', '.join(RECOMPUTE)} (full: recompute every layer's activations in backward)")
     for name in ("save_interval", "eval_interval", "stop_after"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     need(t.log_interval >= 1, "train.log_interval must be >= 1")

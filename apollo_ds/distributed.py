@@ -1,6 +1,7 @@
-"""Process start-up: rank discovery (DeepSpeed launcher, torchrun, srun, mpirun), the
-torch.distributed backend, megatron-core's TP/PP/DP groups, and the adapter DeepSpeed needs to
-see those groups."""
+"""Process start-up and teardown: rank discovery (DeepSpeed launcher, torchrun, srun, mpirun),
+the accelerator and device of this rank, the torch.distributed backend, megatron-core's
+TP/PP/DP groups, the adapter DeepSpeed needs to see those groups, and the one helper every
+host-side reduction goes through (so no CPU tensor ever reaches an NCCL group)."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,11 @@ class Dist:
     dp: int
     dp_rank: int
     tp_rank: int
+    pp_rank: int = 0
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
 
 
 def _slurm_env() -> None:
@@ -30,7 +36,7 @@ def _slurm_env() -> None:
     if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
         return
     if "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
-        return  # mpirun inside an allocation: DeepSpeed's MPI discovery handles it
+        return  # mpirun inside an allocation: MPI discovery handles it
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
@@ -44,6 +50,14 @@ def _slurm_env() -> None:
             os.environ["MASTER_ADDR"] = nodes.split(",")[0]
     # One port per job, so two jobs sharing a node do not collide.
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """CUDA device of a rank: with one visible device per task (``--gpus-per-task=1``) it is
+    device 0 whatever LOCAL_RANK says; with several, LOCAL_RANK picks one of them."""
+    if visible < 1:
+        raise RuntimeError("CUDA is available but no device is visible (CUDA_VISIBLE_DEVICES)")
+    return local_rank % visible
 
 
 class MegatronMPU:
@@ -87,25 +101,44 @@ class MegatronMPU:
         return self._ps().get_pipeline_model_parallel_rank()
 
 
+def _discover_env() -> None:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from srun or mpirun when no torch-style
+    launcher set them (mpi4py; the port from MASTER_PORT, not always 29500)."""
+    _slurm_env()
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+    if torch.distributed.is_initialized() or all(v in os.environ for v in needed):
+        return
+    from deepspeed.comm.comm import mpi_discovery
+    mpi_discovery(distributed_port=int(os.environ.get("MASTER_PORT", 29500)), verbose=False)
+
+
+def _init_process_group(on_cpu: bool, device: torch.device) -> None:
+    """torch.distributed first, then DeepSpeed's comm layer on top of it. Initialising it here
+    (not in deepspeed.init_distributed) binds NCCL to *this rank's* device: DeepSpeed would bind
+    cuda:LOCAL_RANK, which does not exist when each task sees a single GPU."""
+    import deepspeed
+    backend = "gloo" if on_cpu else "nccl"
+    if not torch.distributed.is_initialized():
+        kwargs = {}
+        if not on_cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            kwargs["device_id"] = device
+        torch.distributed.init_process_group(backend, **kwargs)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
 def init(tp: int = 1, pp: int = 1) -> Dist:
     on_cpu = cpu_compat.apply()
-    _slurm_env()
-    import deepspeed
+    _discover_env()
     from megatron.core import parallel_state
 
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl",
-                                   auto_mpi_discovery=True, verbose=False,
-                                   # MPI discovery would otherwise always pick port 29500
-                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_cpu:
         device = torch.device("cpu")
     else:
-        # with --gpus-per-task=1 each task sees one device
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
+    _init_process_group(on_cpu, device)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world % (tp * pp) != 0:
         raise SystemExit(f"error: world size {world} is not a multiple of parallel.tp*parallel.pp"
                          f"={tp * pp}; launch tp*pp*dp processes")
@@ -115,9 +148,59 @@ def init(tp: int = 1, pp: int = 1) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device, tp=tp, pp=pp,
                 dp=parallel_state.get_data_parallel_world_size(),
                 dp_rank=parallel_state.get_data_parallel_rank(),
-                tp_rank=parallel_state.get_tensor_model_parallel_rank())
+                tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+
+
+def comm_device(group=None) -> torch.device:
+    """Where tensors for a collective on ``group`` must live: the current CUDA device for NCCL,
+    the CPU for gloo."""
+    backend = torch.distributed.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(values, op: str = "sum", group=None, dtype=torch.float64) -> torch.Tensor:
+    """All-reduce a tensor or a list of numbers/0-d tensors on the device ``group``'s backend
+    accepts; returns the reduced tensor (on that device: read it with one ``.tolist()``)."""
+    dev = comm_device(group)
+    if torch.is_tensor(values):
+        t = values.detach().to(dev, dtype)
+    else:
+        t = torch.stack([v.detach().to(dev, dtype).reshape(()) if torch.is_tensor(v)
+                         else torch.tensor(float(v), dtype=dtype, device=dev) for v in values])
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+           "min": torch.distributed.ReduceOp.MIN}
+    torch.distributed.all_reduce(t, op=ops[op], group=group)
+    return t
+
+
+def all_gather_tensor(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """All-gather equally shaped tensors on the device ``group``'s backend accepts; the parts
+    come back on ``t``'s device."""
+    dev = comm_device(group)
+    src = t.detach().to(dev).contiguous()
+    parts = [torch.empty_like(src) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, src, group=group)
+    return [p.to(t.device) for p in parts]
 
 
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    """Leave together and tear the process groups down before the interpreter exits: a
+    process group destroyed by the interpreter's own teardown, while a peer still talks to
+    it, aborts the process ('terminate called without an active exception', SIGABRT)."""
+    if not torch.distributed.is_initialized():
+        return
+    try:
+        torch.distributed.barrier()
+    finally:
+        from megatron.core import parallel_state
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()

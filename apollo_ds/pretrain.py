@@ -70,6 +70,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.run()
+    # Only after a clean run: on an error the peers may be gone, and the launcher ends them.
+    distributed.shutdown()
     return 0
 
 

@@ -7,6 +7,8 @@ import deepspeed
 import torch
 from megatron.core import parallel_state
 
+from apollo_ds.distributed import all_gather_tensor
+
 
 @torch.no_grad()
 def full_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -18,9 +20,8 @@ def full_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters([p], enabled=zero3):
             t = p.detach().float().cpu().clone()
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            torch.distributed.all_gather(parts, t, group=group)
-            t = torch.cat(parts, dim=p.partition_dim)
+            # gathered on the group's device (NCCL refuses CPU tensors), returned on the CPU
+            t = torch.cat(all_gather_tensor(t, group=group), dim=p.partition_dim)
         if name.endswith("word_embeddings.weight"):
             t = t[:vocab_size].clone()
         out[name] = t

@@ -6,8 +6,17 @@ Tensor parallelism comes from megatron-core's layers: QKV and fc1 are column-par
 attention output and fc2 row-parallel, the embedding vocab-parallel and tied to the LM head,
 and the loss is megatron-core's vocab-parallel cross entropy. The QKV output is laid out per
 head as [heads, 3, head_dim], so a TP rank's column slice holds whole heads.
+
+Randomness follows Megatron's rule: dropout on activations every TP rank holds in full (the
+embeddings, the residual branches) draws from the default generator, which the trainer seeds
+identically on the ranks of one TP group; dropout on a rank's own heads (attention
+probabilities) draws from megatron-core's model-parallel RNG tracker, which differs per TP
+rank. ``recompute=True`` re-runs each layer in backward (megatron-core's checkpoint, which
+restores both RNG streams, so the recomputed dropout masks are the forward's).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +73,11 @@ class Block(nn.Module):
         b, s, _ = x.shape
         qkv, _ = self.qkv(self.input_norm(x))
         qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        attn = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        # Attention dropout acts on this rank's heads only: the per-TP-rank RNG stream.
+        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else nullcontext():
+            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True,
+                                                  dropout_p=p)
         attn = attn.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
         out, _ = self.proj(attn)
         x = x + F.dropout(out, self.dropout, self.training)
@@ -78,8 +89,10 @@ class Block(nn.Module):
 class PoolGPT(nn.Module):
     """GPT whose transformer layers are ``pool[0..n_unique-1]``; see module docstring."""
 
-    def __init__(self, cfg: ModelConfig, n_unique: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: ModelConfig, n_unique: int, dtype: torch.dtype = torch.float32,
+                 recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         mp = _mp_config(dtype)
         tp = mp.tensor_model_parallel_size
         self.cfg = cfg
@@ -100,6 +113,8 @@ class PoolGPT(nn.Module):
         local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
         # Padded vocabulary rows must never receive probability mass.
         self.register_buffer("pad_mask", local_ids >= cfg.vocab_size, persistent=False)
+        # Known at build time, so the forward never asks the device (no host sync).
+        self.has_pad = bool((local_ids >= cfg.vocab_size).any())
         self.to(dtype)
 
     @property
@@ -115,14 +130,27 @@ class PoolGPT(nn.Module):
         x = self.word_embeddings(tokens) + self.position_embeddings(positions)
         x = F.dropout(x, self.cfg.dropout, self.training)
         for idx in layer_map:
-            x = self.pool[idx](x)
+            x = run_layer(self.pool[idx], x, self.recompute and self.training)
         x = self.final_norm(x)
         logits, _ = self.lm_head(x, weight=self.word_embeddings.weight)
-        if self.pad_mask.any():
+        if self.has_pad:
             logits = logits.masked_fill(self.pad_mask, float("-inf"))
         if labels is None:
             return logits
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-        if loss_mask is None:
-            return losses.mean()
-        return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        return lm_loss(logits, labels, loss_mask)
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """One transformer layer; with ``recompute`` its activations are rebuilt in backward."""
+    if recompute and torch.is_grad_enabled():
+        return tensor_parallel.checkpoint(layer, False, x)
+    return layer(x)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+            loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean vocab-parallel cross entropy over ``loss_mask`` (fp32 whatever the logits)."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+    if loss_mask is None:
+        return losses.mean()
+    return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)

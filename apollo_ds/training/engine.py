@@ -63,17 +63,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu):
+def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist):
+    """A DeepSpeed engine around ``model`` (PoolGPT or a PipelineModule; ``mpu=None`` for the
+    latter, whose grid is its own mpu) on ``dist.device``."""
+    import argparse
+
     import deepspeed
     t = cfg.train
     groups = param_groups(model, t.weight_decay)
     optimizer = None
     if "optimizer" not in ds:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+        # The fused (multi-tensor, single-kernel) AdamW on CUDA; the same math on CPU.
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                                      fused=dist.on_cuda)
     if zero_stage(ds) == 3:
         # The tied LM head reads the embedding weight outside the embedding's own forward.
         deepspeed.zero.register_external_parameter(model, model.word_embeddings.weight)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+    # device_rank: the device distributed.init chose for this rank (DeepSpeed would otherwise
+    # bind cuda:LOCAL_RANK, which does not exist with one visible GPU per task).
+    args = argparse.Namespace(device_rank=dist.device.index or 0)
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=groups,
                                            optimizer=optimizer, config=ds, mpu=mpu)
     return engine
 

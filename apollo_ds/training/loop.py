@@ -7,28 +7,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import time
 from dataclasses import asdict
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import tensor_parallel
 
-from apollo_ds.apollo import StageSchedule, layer_map
+from apollo_ds.apollo import StageSchedule
+from apollo_ds.apollo.expand import grow_state
 from apollo_ds.config import RunConfig
-from apollo_ds.data import build_datasets, get_micro_batch
-from apollo_ds.distributed import Dist, MegatronMPU
+from apollo_ds.data import build_datasets
+from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
-from apollo_ds.model import PoolGPT, init_weights
 from apollo_ds.training import checkpoint
-from apollo_ds.training.engine import (build_engine, load_ds_config, lr_at, model_dtype,
-                                       set_lr, zero_stage)
+from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.metrics import MetricsLog, print0
+from apollo_ds.training.runtime import make_runtime
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def step_seed(seed: int, step: int, dp_rank: int, pp_rank: int) -> int:
+    """Seed of the default generator for one step: a function of (seed, step) and of the
+    ranks whose activations differ (DP, PP), never of the TP rank, so every rank of a TP group
+    draws the same dropout masks on the activations they share. Exact resume needs no saved
+    RNG state."""
+    return ((seed * 1_000_003 + step) * 4099 + dp_rank) * 131 + pp_rank
 
 
 class Trainer:
@@ -37,15 +46,13 @@ class Trainer:
         t = cfg.train
         self.schedule = StageSchedule(cfg, dist.dp)
         self.ds_config = load_ds_config(cfg, dist.dp)
-        self.dtype = model_dtype(self.ds_config)
         self.zero = zero_stage(self.ds_config)
-        self.mpu = MegatronMPU()
         self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
         self.grad_accum = t.global_batch // (t.micro_batch * dist.dp)
-        self.dp_group = parallel_state.get_data_parallel_group()
         valid_samples = t.eval_iters * t.global_batch
         self.train_ds, self.valid_ds = build_datasets(cfg, t.steps * t.global_batch,
                                                       valid_samples)
+        self.runtime = make_runtime(cfg, dist, self.ds_config, self.train_ds, self.valid_ds)
         found = checkpoint.find_latest(self.ckpt_dir)
         self.step, self.consumed, self.flops_spent, self.flops_full = 0, 0, 0.0, 0.0
         self.wall_before = 0.0      # wall seconds spent by earlier (resumed-from) processes
@@ -55,7 +62,7 @@ class Trainer:
             checkpoint.check_compatible(state, cfg.model, dist.tp, dist.pp,
                                         os.path.join(self.ckpt_dir, tag))
             n_unique = state["n_unique"]
-        self.model, self.engine = self.build(n_unique)
+        self.runtime.build(n_unique)
         if found is not None:
             checkpoint.load(self.engine, self.ckpt_dir, tag)
             self.step, self.consumed = state["step"], state["consumed_samples"]
@@ -70,23 +77,13 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
     # ---------------------------------------------------------------- building blocks
-    def new_model(self, n_unique: int) -> PoolGPT:
-        if self.dist.pp > 1:
-            from apollo_ds.model import pipeline
-            return pipeline.new_model(self, n_unique)
-        m = self.cfg.model
-        model = PoolGPT(m, n_unique, dtype=torch.float32)
-        init_weights(model, self.cfg.train.seed, m.init_std, m.layers, m.vocab_size)
-        return model
+    @property
+    def model(self):
+        return self.runtime.model
 
-    def build(self, n_unique: int, model: PoolGPT | None = None):
-        if self.dist.pp > 1:
-            from apollo_ds.model import pipeline
-            return pipeline.build(self, n_unique, model)
-        model = model if model is not None else self.new_model(n_unique)
-        model.to(self.dist.device)
-        engine = build_engine(model, self.ds_config, self.cfg, self.mpu)
-        return model, engine
+    @property
+    def engine(self):
+        return self.runtime.engine
 
     def _wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.t_start
@@ -94,15 +91,6 @@ class Trainer:
     def _on_signal(self, signum, _frame):
         # Slurm --signal / preemption: finish this step, checkpoint, exit 0.
         self._stop_signal = True
-
-    def _all_ranks_any(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.dist.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def _batch(self, ds, start: int) -> dict:
-        b = get_micro_batch(ds, start, self.cfg.train.micro_batch)
-        return {k: v.to(self.dist.device) for k, v in b.items()}
 
     def _run_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed,
@@ -120,14 +108,20 @@ class Trainer:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps({"step": step, "plan": plan}) + "\n")
-        digest = hashlib.sha256(json.dumps(plan).encode()).digest()[:8]
-        mine = torch.tensor([int.from_bytes(digest, "little") & ((1 << 62) - 1)],
-                            dtype=torch.int64)
-        lo, hi = mine.clone(), mine.clone()
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        if lo.item() != hi.item():
+        digest = hashlib.sha256(json.dumps(plan).encode()).digest()[:6]
+        mine = int.from_bytes(digest, "little")   # 48 bits: exact in float64
+        lo = all_reduce([-mine], op="max").tolist()[0]
+        hi = all_reduce([mine], op="max").tolist()[0]
+        if -lo != hi:
             raise RuntimeError(f"step {step}: ranks disagree on the Apollo depth plan")
+
+    def seed_step(self, step: int) -> None:
+        """Dropout streams of one step: the default generator (shared by a TP group) and
+        megatron-core's model-parallel tracker (its own per TP rank)."""
+        d = self.dist
+        seed = step_seed(self.cfg.train.seed, step, d.dp_rank, d.pp_rank) % (2 ** 62)
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self, step: int) -> dict:
@@ -136,20 +130,27 @@ class Trainer:
         plan = self.schedule.plan(step)
         if t.check_plan_agreement:
             self._check_plan(step, plan)
-        # Dropout randomness is a function of (seed, step, rank): exact resume needs no
-        # saved RNG state.
-        torch.manual_seed((t.seed * 1_000_003 + step) * 4099 + d.rank)
+        self.seed_step(step)
         lr = lr_at(step, cfg)
         set_lr(self.engine, lr)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        if d.pp > 1:
-            from apollo_ds.model import pipeline
-            loss_sum += pipeline.run_micro_batches(self, step, plan)
-        else:
-            self._run_micro_batches(step, plan, loss_sum)
-        torch.distributed.all_reduce(loss_sum, group=self.dp_group)
+        loss_sum = self.runtime.run_step(step, plan)
+        gnorm = self.engine.get_global_grad_norm()
+        has_gnorm = gnorm is not None
+        gnorm = gnorm if has_gnorm else 0.0
+        # The step's one host sync: loss, grad norm and the stop flag in one reduction. Every
+        # rank of a TP group (and every stage) holds the same loss, hence / world.
+        vals = all_reduce([loss_sum, gnorm, float(self._stop_signal)]).tolist()
+        loss = vals[0] / (self.grad_accum * d.world)
+        grad_norm = vals[1] / d.world
+        self._stop_all = vals[2] > 0
         elapsed = time.perf_counter() - t0
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            base = (step - 1) * t.global_batch
+            raise NonFiniteLoss(
+                f"non-finite loss {loss} at step {step} (depths {[p[0] for p in plan]}, "
+                f"samples {base}..{base + t.global_batch - 1}); the last checkpoint is the last "
+                f"good state: lower train.lr or check the data")
         tokens = t.global_batch * cfg.model.seq_len
         depths = [p[0] for p in plan]
         mb_tokens = t.micro_batch * d.dp * cfg.model.seq_len
@@ -157,9 +158,8 @@ class Trainer:
         full = train_flops(cfg.model, cfg.model.layers, tokens, d.tp)
         self.flops_spent += flops
         self.flops_full += full
-        grad_norm = self.engine.get_global_grad_norm()
-        return {"step": step, "loss": loss_sum.item() / (self.grad_accum * d.dp), "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        return {"step": step, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm if has_gnorm else None,
                 "n_unique": self.model.n_unique, "depths": depths,
                 "layer_maps": [p[1] for p in plan], "tokens": tokens,
                 "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
@@ -167,56 +167,24 @@ class Trainer:
                 "cum_flops": self.flops_spent, "cum_full_depth_flops": self.flops_full,
                 "consumed_samples": self.consumed + t.global_batch}
 
-    def _run_micro_batches(self, step: int, plan, loss_sum: torch.Tensor) -> None:
-        """Forward/backward of this rank's micro-batches; the engine steps at the last."""
-        d, t = self.dist, self.cfg.train
-        base = (step - 1) * t.global_batch
-        for k in range(self.grad_accum):
-            j = k * d.dp + d.dp_rank
-            _, lmap = plan[k]
-            batch = self._batch(self.train_ds, base + j * t.micro_batch)
-            loss = self.engine(batch["tokens"], lmap, batch["labels"], batch["loss_mask"])
-            loss_sum += loss.detach().double().cpu()
-            if k == self.grad_accum - 1 and self._all_ranks_any(not torch.isfinite(loss_sum).all()):
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {step} (depths {[p[0] for p in plan]}, samples "
-                    f"{base}..{base + t.global_batch - 1}); the last checkpoint is the last "
-                    f"good state: lower train.lr or check the data")
-            self.engine.backward(loss)
-            self.engine.step()
-
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first train.eval_iters global batches of held-out samples, at
         full depth L; the same samples whatever the DP size or micro-batch."""
-        cfg, d, t = self.cfg, self.dist, self.cfg.train
-        if d.pp > 1:
-            from apollo_ds.model import pipeline
-            return pipeline.evaluate(self)
-        if self.valid_ds is None:
-            return float("nan")
-        lmap = layer_map(self.model.n_unique, cfg.model.layers, cfg.apollo.grow)
-        self.engine.eval()
-        acc = torch.zeros(2, dtype=torch.float64)
-        for j in range(d.dp_rank, t.eval_iters * t.global_batch // t.micro_batch, d.dp):
-            b = self._batch(self.valid_ds, j * t.micro_batch)
-            acc[0] += self.engine(b["tokens"], lmap, b["labels"], b["loss_mask"]).double().cpu()
-            acc[1] += 1
-        self.engine.train()
-        torch.distributed.all_reduce(acc, group=self.dp_group)
-        return (acc[0] / acc[1]).item()
+        return self.runtime.evaluate()
 
     def expand(self, n_new: int) -> None:
-        if self.dist.pp > 1:
-            from apollo_ds.model.pipeline import expand as expand_engine
-        else:
-            from apollo_ds.apollo.expand import expand_engine
+        """Grow the pool: full state out of the old engine, the pure growth transform, full
+        state into a new engine built for the larger pool."""
         t0 = time.perf_counter()
-        n_old = self.model.n_unique
-        self.model, self.engine = expand_engine(self, n_new)
+        rt, a = self.runtime, self.cfg.apollo
+        n_old = rt.n_unique
+        state, step = rt.full_state()
+        rt.destroy()
+        grown = grow_state(state, n_old, n_new, a.grow, a.optimizer_state)
+        del state
+        rt.build(n_new, grown, step)
         print0(self.dist.rank, f"expanded pool {n_old} -> {n_new} unique layers "
-                               f"({self.cfg.apollo.grow}, optimizer state "
-                               f"{self.cfg.apollo.optimizer_state}) in "
+                               f"({a.grow}, optimizer state {a.optimizer_state}) in "
                                f"{time.perf_counter() - t0:.1f}s")
 
     def save(self) -> None:
@@ -254,7 +222,7 @@ class Trainer:
             if s % t.log_interval == 0 or final or "eval_loss" in rec:
                 self._log_line(window, rec)
                 window = []
-            stop = self._all_ranks_any(self._stop_signal)
+            stop = self._stop_all
             if (t.save_interval and s % t.save_interval == 0) or final or stop:
                 self.save()
             if stop or s == t.stop_after:

@@ -25,7 +25,7 @@ def test_stage_split_covers_every_position_once():
                     assert seq == [i * N // d for i in range(d)]
 
 
-def run(tmp_path, corpus, name, nproc, pp, tp=1, worker="train_and_dump_pp.py", **train):
+def run(tmp_path, corpus, name, nproc, pp, tp=1, worker="train_and_dump.py", **train):
     cfg = write_config(tmp_path / f"{name}.yaml", corpus, apollo=APOLLO,
                        model={"vocab_size": corpus.vocab + 5},
                        parallel={"tp": tp, "pp": pp},

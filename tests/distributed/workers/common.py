@@ -1,5 +1,6 @@
 """Start-up shared by the torchrun test workers: parse --config/--out/overrides, validate,
-initialise the process groups and build the Trainer exactly as pretrain.py does."""
+initialise the process groups and build the Trainer exactly as pretrain.py does; ``finish``
+leaves together and tears the process groups down, as pretrain.py does."""
 import argparse
 
 from apollo_ds import distributed
@@ -17,3 +18,8 @@ def start():
     dist = distributed.init(cfg.parallel.tp, cfg.parallel.pp)
     validate(cfg, world_size=dist.world)
     return a, cfg, dist, Trainer(cfg, dist)
+
+
+def finish() -> int:
+    distributed.shutdown()
+    return 0

@@ -10,10 +10,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import start  # noqa: E402
+from common import finish, start  # noqa: E402
 
 from apollo_ds.apollo import layer_map  # noqa: E402
-from apollo_ds.apollo.expand import optimizer_step_count, read_state, source_name  # noqa: E402
+from apollo_ds.apollo.expand import source_name  # noqa: E402
 from apollo_ds.apollo.layer_maps import expansion_sources  # noqa: E402
 from apollo_ds.training.loop import Trainer  # noqa: E402
 
@@ -25,7 +25,7 @@ def fixed_losses(tr: Trainer, depths):
     for d in depths:
         losses = []
         for j in range(2):
-            b = tr._batch(tr.valid_ds, j * tr.cfg.train.micro_batch)
+            b = tr.runtime.batch(tr.valid_ds, j * tr.cfg.train.micro_batch)
             lmap = layer_map(tr.model.n_unique, d, tr.cfg.apollo.grow)
             losses.append(tr.engine(b["tokens"], lmap, b["labels"], b["loss_mask"]).item())
         out[d] = losses
@@ -42,12 +42,10 @@ def main():
     n_old, n_new = tr.model.n_unique, tr.schedule.unique_at(boundary + 1)
     depths = list(range(n_new, cfg.model.layers + 1))
     before = fixed_losses(tr, depths)
-    state_before = read_state(tr.engine, tr.model)
-    step_before = optimizer_step_count(tr.engine)
+    state_before, step_before = tr.runtime.full_state()
     tr.expand(n_new)
     after = fixed_losses(tr, depths)
-    state_after = read_state(tr.engine, tr.model)
-    step_after = optimizer_step_count(tr.engine)
+    state_after, step_after = tr.runtime.full_state()
     sources = expansion_sources(n_old, n_new, cfg.apollo.grow)
     worst = {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
     nonzero_moments = 0
@@ -67,7 +65,7 @@ def main():
                        "max_diff": worst, "step_before": step_before, "step_after": step_after,
                        "n_params_after": len(state_after), "nonzero_moments": nonzero_moments,
                        "next_loss_per_rank": [g.item() for g in gathered]}, f)
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":

@@ -1,23 +1,27 @@
 """Run under torchrun: a full pretraining run (resuming if a checkpoint exists), then write the
-gathered full weights to --out (rank 0)."""
+gathered full weights to --out (rank 0); at pp > 1 (PoolGPT names, each pool layer from its
+first owner stage) also every stage's own weights to --out.stages.pt."""
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import start  # noqa: E402
-
-from apollo_ds.convert.full_state import full_state_dict  # noqa: E402
+from common import finish, start  # noqa: E402
 
 
 def main():
     a, cfg, dist, tr = start()
     tr.run()
-    sd = full_state_dict(tr.model, cfg.model.vocab_size)
+    if dist.pp > 1:
+        sd, per_stage = tr.runtime.full_weights_per_stage()
+    else:
+        sd, per_stage = tr.runtime.full_weights(), None
     if dist.rank == 0:
         torch.save(sd, a.out)
-    return 0
+        if per_stage is not None:
+            torch.save(per_stage, a.out + ".stages.pt")
+    return finish()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""The Runtime seam: how one optimizer step runs, in one place (design/architecture.md).
+
+A Runtime owns the model and the DeepSpeed engine of the current pool size and offers
+  build(n_unique, state=None)   a model + engine for that pool (optionally from a full state)
+  run_step(step, plan)          all micro-batches of one optimizer step, the engine step included
+  evaluate()                    held-out loss at full depth
+  full_state() / load_full_state(state, step)
+                                fp32 masters + Adam moments by canonical parameter name
+  full_weights()                full unsharded fp32 weights (export, parity tests)
+``DataParallelRuntime`` runs PoolGPT under DP/TP/ZeRO 0-3; ``PipelineRuntime``
+(pipeline_runtime.py) runs the DeepSpeed PipelineModule. The Trainer sees only this interface.
+
+Nothing here reads a device value back to the host: losses are summed on the device, and the
+Trainer syncs once per step (``apollo_ds.distributed.all_reduce``).
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from apollo_ds.apollo import layer_map
+from apollo_ds.data import get_micro_batch
+from apollo_ds.distributed import MegatronMPU, all_reduce
+from apollo_ds.model import PoolGPT, init_weights
+from apollo_ds.training.engine import build_engine, model_dtype
+from apollo_ds.training.state import optimizer_step_count, priming, read_state, write_state
+
+
+class Runtime:
+    def __init__(self, cfg, dist, ds_config: dict, train_ds, valid_ds):
+        self.cfg, self.dist, self.ds_config = cfg, dist, ds_config
+        self.train_ds, self.valid_ds = train_ds, valid_ds
+        self.dtype = model_dtype(ds_config)
+        self.recompute = cfg.train.recompute == "full"
+        t = cfg.train
+        self.grad_accum = t.global_batch // (t.micro_batch * dist.dp)
+        self.model = self.engine = None
+        self._pin = dist.on_cuda
+
+    # ------------------------------------------------------------------ to be provided
+    def new_model(self, n_unique: int):
+        raise NotImplementedError
+
+    def canonical(self, model):
+        """(canonical name, parameter) of ``model``'s parameters on this rank."""
+        raise NotImplementedError
+
+    def named_parameters(self):
+        return self.canonical(self.model)
+
+    def _make_engine(self, model):
+        raise NotImplementedError
+
+    def _prime_step(self) -> None:
+        """One train step on zero-loss inputs (under ``priming``)."""
+        raise NotImplementedError
+
+    def run_step(self, step: int, plan) -> torch.Tensor:
+        """Sum over this rank's micro-batches of their mean loss (a device tensor)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> float:
+        raise NotImplementedError
+
+    def full_weights(self) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def n_unique(self) -> int:
+        return self.model.n_unique
+
+    def batch(self, ds, start: int) -> dict:
+        """Micro-batch of samples [start, start + micro_batch) on the device (pinned and
+        asynchronous on CUDA, so the copy overlaps the previous micro-batch's compute)."""
+        b = get_micro_batch(ds, start, self.cfg.train.micro_batch)
+        if self._pin:
+            return {k: v.pin_memory().to(self.dist.device, non_blocking=True)
+                    for k, v in b.items()}
+        return {k: v.to(self.dist.device) for k, v in b.items()}
+
+    def micro_batch_start(self, step: int, k: int) -> int:
+        """First sample of this rank's k-th micro-batch of ``step``: step s covers samples
+        [(s-1)*B, s*B), its global micro-batch j covers [.. + j*m, .. + (j+1)*m), and DP
+        rank r runs j = k*dp + r."""
+        t, d = self.cfg.train, self.dist
+        return (step - 1) * t.global_batch + (k * d.dp + d.dp_rank) * t.micro_batch
+
+    def eval_starts(self) -> list[int]:
+        """This rank's held-out micro-batches: the first eval_iters global batches, whatever
+        the DP size or micro-batch."""
+        t, d = self.cfg.train, self.dist
+        n = t.eval_iters * t.global_batch // t.micro_batch
+        return [j * t.micro_batch for j in range(d.dp_rank, n, d.dp)]
+
+    def build(self, n_unique: int, state: dict | None = None, step: int = 0) -> None:
+        """Model and engine for a pool of ``n_unique`` layers; with ``state`` (canonical name
+        -> full fp32 param and moments), the engine starts from it at optimizer step
+        ``step``."""
+        model = self.new_model(n_unique)
+        if state is not None:
+            with torch.no_grad():  # module weights first: the engine builds masters from them
+                for name, p in self.canonical(model):
+                    p.copy_(state[name]["param"].to(p.dtype))
+        model.to(self.dist.device)
+        self.model, self.engine = model, self._make_engine(model)
+        if state is not None:
+            with priming(self.engine):
+                self._prime_step()
+            self.load_full_state(state, step)
+
+    def full_state(self) -> tuple[dict, int]:
+        """(canonical name -> full fp32 {"param", "exp_avg", "exp_avg_sq"}, optimizer step)
+        of this rank's parameters (collective)."""
+        return read_state(self.engine, self.named_parameters()), optimizer_step_count(self.engine)
+
+    def load_full_state(self, state: dict, step: int) -> None:
+        write_state(self.engine, self.named_parameters(), state, step)
+
+    def destroy(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        self.model = self.engine = None
+        gc.collect()
+        if self.dist.on_cuda:
+            torch.cuda.empty_cache()
+
+
+class DataParallelRuntime(Runtime):
+    """PoolGPT under data parallelism, TP (megatron-core layers) and ZeRO 0-3."""
+
+    def new_model(self, n_unique: int) -> PoolGPT:
+        m = self.cfg.model
+        model = PoolGPT(m, n_unique, dtype=torch.float32, recompute=self.recompute)
+        init_weights(model, self.cfg.train.seed, m.init_std, m.layers, m.vocab_size)
+        return model
+
+    def canonical(self, model):
+        return model.named_parameters()
+
+    def _make_engine(self, model):
+        return build_engine(model, self.ds_config, self.cfg, MegatronMPU(), self.dist)
+
+    def _prime_step(self) -> None:
+        n = self.model.n_unique
+        tokens = torch.zeros(1, self.cfg.model.seq_len, dtype=torch.long, device=self.dist.device)
+        self.engine.set_gradient_accumulation_boundary(True)
+        loss = self.engine(tokens, layer_map(n, n), tokens, None) * 0.0
+        self.engine.backward(loss)
+        self.engine.step()
+        self.engine.set_gradient_accumulation_boundary(None)
+
+    def run_step(self, step: int, plan) -> torch.Tensor:
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        nxt = self.batch(self.train_ds, self.micro_batch_start(step, 0))
+        for k in range(self.grad_accum):
+            b = nxt
+            if k + 1 < self.grad_accum:  # queue the next copy before this compute
+                nxt = self.batch(self.train_ds, self.micro_batch_start(step, k + 1))
+            loss = self.engine(b["tokens"], plan[k][1], b["labels"], b["loss_mask"])
+            loss_sum += loss.detach().float()
+            self.engine.backward(loss)
+            self.engine.step()
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if self.valid_ds is None:
+            return float("nan")
+        lmap = layer_map(self.model.n_unique, self.cfg.model.layers, self.cfg.apollo.grow)
+        self.engine.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        starts = self.eval_starts()
+        for s in starts:
+            b = self.batch(self.valid_ds, s)
+            total += self.engine(b["tokens"], lmap, b["labels"], b["loss_mask"]).double()
+        self.engine.train()
+        acc = all_reduce([total, len(starts)], group=self._dp_group())
+        s, n = acc.tolist()
+        return s / n
+
+    @staticmethod
+    def _dp_group():
+        from megatron.core import parallel_state
+        return parallel_state.get_data_parallel_group()
+
+    def full_weights(self) -> dict:
+        from apollo_ds.convert.full_state import full_state_dict
+        return full_state_dict(self.model, self.cfg.model.vocab_size)
+
+
+def make_runtime(cfg, dist, ds_config, train_ds, valid_ds) -> Runtime:
+    if dist.pp > 1:
+        from apollo_ds.training.pipeline_runtime import PipelineRuntime
+        return PipelineRuntime(cfg, dist, ds_config, train_ds, valid_ds)
+    return DataParallelRuntime(cfg, dist, ds_config, train_ds, valid_ds)

@@ -1,0 +1,114 @@
+"""Full optimizer state of a DeepSpeed engine by canonical parameter name, whatever ZeRO stage
+or precision partitioned it: read (``read_state``) and written back (``write_state``) as full
+fp32 CPU tensors, plus the lr=0 priming step that a freshly built engine needs before its Adam
+state can be written (design/architecture.md, "ZeRO-aware expansion").
+
+- ZeRO 1-3 and bf16 (DeepSpeed's BF16_Optimizer at ZeRO 0 included): ``safe_get_full_*`` /
+  ``safe_set_full_*`` through each parameter's hp mapping (collective);
+- fp32 ZeRO 0: the module parameter is the master, and the torch optimizer's state is keyed
+  by it.
+Under TP each rank reads and writes its own shard; under PP each stage its own parameters.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def inner_optimizer(engine):
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _uses_hp_mapping(param) -> bool:
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def optimizer_step_count(engine) -> int:
+    for state in inner_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def relink_optimizer_state(engine) -> None:
+    """DeepSpeed 0.19.8 ZeRO 1/2 links parameters to their Adam state fragments once, at the end
+    of the first group's step, so with several parameter groups (decay / no decay) every later
+    group is linked to an empty state and ``safe_*_optimizer_state`` fails for it. Link again
+    now that every group has stepped."""
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def read_state(engine, named_parameters) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> {"param", "exp_avg", "exp_avg_sq"} as full fp32 CPU tensors (collective)."""
+    opt = engine.optimizer
+    relink_optimizer_state(engine)
+    out = {}
+    for name, p in named_parameters:
+        if _uses_hp_mapping(p):
+            entry = {"param": safe_get_full_fp32_param(p)}
+            for key in MOMENTS:
+                entry[key] = safe_get_full_optimizer_state(p, key)
+        else:  # ZeRO 0, fp32: the module parameter is the master; the state is keyed by it
+            state = opt.state.get(p, {})
+            entry = {"param": p.detach()}
+            for key in MOMENTS:
+                entry[key] = state.get(key)
+        out[name] = {k: (v.detach().float().cpu().clone() if v is not None else None)
+                     for k, v in entry.items()}
+    return out
+
+
+def write_state(engine, named_parameters, state: dict, step: int) -> None:
+    """Write ``state[name]`` (full fp32 masters and moments; a missing moment is zero) into
+    the engine's partitions; Adam's bias correction continues from ``step``."""
+    opt = engine.optimizer
+    for name, p in named_parameters:
+        src = state[name]
+        values = {"param": src["param"]}
+        for key in MOMENTS:
+            values[key] = src[key] if src.get(key) is not None else torch.zeros_like(src["param"])
+        if _uses_hp_mapping(p):
+            safe_set_full_fp32_param(p, values["param"].to(p.device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, values[key].to(p.device), key)
+        else:
+            with torch.no_grad():
+                p.copy_(values["param"].to(p.device, p.dtype))
+            slot = opt.state[p]
+            for key in MOMENTS:
+                slot[key].copy_(values[key].to(slot[key].device))
+    # One counter per flat group (ZeRO) or per parameter (ZeRO 0): all carry the global step.
+    for slot in inner_optimizer(engine).state.values():
+        if "step" in slot:
+            if torch.is_tensor(slot["step"]):
+                slot["step"].fill_(step)
+            else:
+                slot["step"] = step
+
+
+@contextmanager
+def priming(engine):
+    """Around one optimizer step on zero gradients with lr 0: it creates the Adam state (and
+    ZeRO's fragment links) without moving a weight (AdamW with lr 0 multiplies by 1 and adds
+    0), and leaves the engine's step and sample counters where a fresh engine has them."""
+    saved = [g["lr"] for g in engine.optimizer.param_groups]
+    for g in engine.optimizer.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        engine.micro_steps = 0
+        engine.global_steps = 0
+        engine.global_samples = 0
+        for g, lr in zip(engine.optimizer.param_groups, saved):
+            g["lr"] = lr
+    relink_optimizer_state(engine)
