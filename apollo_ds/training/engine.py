@@ -30,6 +30,23 @@ def load_ds_config(cfg: RunConfig, dp: int) -> dict:
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16 is not supported; use bf16 (ds_configs/*_bf16.json) "
                           f"or fp32")
+    if ds.get("bf16", {}).get("enabled"):
+        if stage == 0:
+            # DeepSpeed has no fp32 gradient accumulation at ZeRO 0 with bf16, and its bf16
+            # wrapper there keeps no fp32-master mapping, so Apollo expansion cannot carry state.
+            raise ConfigError(f"{path}: bf16 needs ZeRO stage >= 1 (zero_optimization.stage=0 "
+                              f"with bf16 accumulates gradients in bf16 and cannot carry "
+                              f"optimizer state across an expansion); use "
+                              f"ds_configs/zero1_bf16.json")
+        # A pool layer's gradient sums up to L uses per micro-batch and grad_accum
+        # micro-batches: accumulate and all-reduce it in fp32.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        ds.setdefault("communication_data_type", "fp32")
+        for key, val in (("data_types.grad_accum_dtype", ds["data_types"]["grad_accum_dtype"]),
+                         ("communication_data_type", ds["communication_data_type"])):
+            if str(val).lower() not in ("fp32", "float32", "float", "torch.float32"):
+                raise ConfigError(f"{path}: {key}={val!r} with bf16; pool-layer gradients need "
+                                  f"fp32 accumulation and reduction: set it to \"fp32\"")
     # Batch sizes come from the run config only, so the two files can never disagree.
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch
     ds["gradient_accumulation_steps"] = t.global_batch // (t.micro_batch * dp)

@@ -118,7 +118,7 @@ class PipelineRuntime(Runtime):
                     yield b["tokens"], (b["labels"], b["loss_mask"])
             self.model.set_depths([self.cfg.model.layers] * len(chunk))
             # eval_batch: mean over the chunk and the DP ranks, broadcast to every stage
-            total += self.engine.eval_batch(batches(), num_micro_batches=len(chunk)).double()
+            total += self.engine.eval_batch(batches(), num_micro_batches=len(chunk)).double().reshape(())
             n += 1
         self.engine.train()
         return (total / n).item()
