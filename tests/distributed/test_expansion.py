@@ -10,7 +10,8 @@ from tests.conftest import torchrun, write_config
 
 @pytest.mark.parametrize("zero,mode,dtype", [(0, "copy", "fp32"), (1, "copy", "fp32"),
                                              (2, "copy", "fp32"), (3, "copy", "fp32"),
-                                             (1, "reset", "fp32"), (3, "copy", "bf16")])
+                                             (1, "reset", "fp32"), (1, "copy", "bf16"),
+                                             (2, "copy", "bf16"), (3, "copy", "bf16")])
 def test_expansion_identity_and_state_transfer(zero, mode, dtype, corpus, tmp_path):
     cfg = write_config(tmp_path / "run.yaml", corpus,
                        model={"layers": 8},
