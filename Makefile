@@ -9,7 +9,7 @@ DATA := $(CACHE)/data
 export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv data demo test test-all test-slow bench plan clean
+.PHONY: venv data demo test test-all test-slow bench gpu-check plan clean
 
 venv: $(STAMP)
 $(STAMP): setup.py
@@ -51,6 +51,14 @@ test-all: $(STAMP)
 
 bench: data
 	$(VPY) benchmarks/throughput.py --data-prefix $(DATA)/corpus --tokenizer $(DATA)/spm8k.model
+
+# One bounded check on a CUDA GPU (sized for < 8 min on an H100/H200): throughput, MFU and
+# memory, pool overhead, expansion cost, exact resume. No $(STAMP) prerequisite: the venv
+# recipe pins the CPU torch wheel, which would replace a CUDA build (on a GPU machine with its
+# own Python: make gpu-check VPY=python). env -u: a DS_ACCELERATOR=cpu exported into make
+# would force the CPU.
+gpu-check:
+	env -u DS_ACCELERATOR $(VPY) benchmarks/gpu_check.py --out runs/gpu_check.json
 
 plan: $(STAMP)
 	$(VENV)/bin/apollo-ds plan --config configs/tiny_cpu.yaml

@@ -50,7 +50,6 @@ import json
 import os
 import re
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,16 @@ if REPO not in sys.path:
 
 DEFAULT_PREFIX = ".cache/apollo_ds/data/corpus"
 DEFAULT_TOKENIZER = ".cache/apollo_ds/data/spm8k.model"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:     # also when imported by another script or run with python -m
+    sys.path.insert(0, HERE)
+from plain_gpt import make_plain_class  # noqa: E402
+from throughput_report import (merge, paired_ratio, print_table,  # noqa: E402
+                               print_trainer_table, summarise, summarise_trainer)
+
+__all__ = ["make_plain_class", "merge", "paired_ratio", "print_table", "print_trainer_table",
+           "summarise", "summarise_trainer", "run_pool_plain", "run_trainer_route"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -145,59 +154,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# ----------------------------------------------------------------------------- models
-def make_plain_class():
-    """Defined lazily: torch / megatron-core import slowly."""
-    import torch
-    import torch.nn.functional as F
-    from megatron.core import tensor_parallel
-    from torch import nn
-
-    from apollo_ds.model import PoolGPT
-    from apollo_ds.model.gpt import Block
-
-    class PlainGPT(nn.Module):
-        """PoolGPT's architecture with its L layers in ``self.layers`` run in order: same
-        Block class, embeddings, tied vocab-parallel LM head and loss; no layer map. Built by
-        borrowing a PoolGPT's submodules' construction (so both stay in step with gpt.py)."""
-
-        def __init__(self, cfg, dtype=torch.float32):
-            super().__init__()
-            ref = PoolGPT(cfg, cfg.layers, dtype=dtype)
-            assert all(isinstance(b, Block) for b in ref.pool)
-            self.cfg = cfg
-            self.word_embeddings = ref.word_embeddings
-            self.position_embeddings = ref.position_embeddings
-            self.layers = nn.ModuleList(list(ref.pool))
-            self.final_norm = ref.final_norm
-            self.lm_head = ref.lm_head
-            self.register_buffer("pad_mask", ref.pad_mask.clone(), persistent=False)
-
-        def load_from_pool(self, pool_model) -> None:
-            sd = {(("layers." + k[len("pool."):]) if k.startswith("pool.") else k): v
-                  for k, v in pool_model.state_dict().items()}
-            self.load_state_dict(sd, strict=True)
-
-        def forward(self, tokens, labels=None, loss_mask=None):
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-            x = self.word_embeddings(tokens) + self.position_embeddings(positions)
-            x = F.dropout(x, self.cfg.dropout, self.training)
-            for block in self.layers:
-                x = block(x)
-            x = self.final_norm(x)
-            logits, _ = self.lm_head(x, weight=self.word_embeddings.weight)
-            if self.pad_mask.any():
-                logits = logits.masked_fill(self.pad_mask, float("-inf"))
-            if labels is None:
-                return logits
-            losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-            if loss_mask is None:
-                return losses.mean()
-            return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-
-    return PlainGPT
-
-
 # ----------------------------------------------------------------------------- worker
 def build_cfg(a, tp: int, pp: int, vocab: int, extra=(), global_batch=None):
     from apollo_ds.config import load_config
@@ -229,12 +185,8 @@ def run_worker(a, layout) -> dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
 
     from apollo_ds import distributed
-    from apollo_ds.config import validate
-    from apollo_ds.data import build_datasets, check_data_inputs, get_micro_batch
-    from apollo_ds.model import PoolGPT, init_weights
-    from apollo_ds.training.engine import build_engine, load_ds_config, lr_at, set_lr
-
-    from apollo_ds.config import ConfigError
+    from apollo_ds.config import ConfigError, validate
+    from apollo_ds.data import check_data_inputs
     try:
         vocab = a.vocab_size or check_data_inputs(build_cfg(a, tp, pp, 1 << 20))
         cfg = build_cfg(a, tp, pp, vocab)
@@ -257,6 +209,9 @@ def run_worker(a, layout) -> dict:
 
 
 def run_pool_plain(a, cfg, d) -> dict:
+    """Pool vs plain at full depth in this process group (``d``: apollo_ds.distributed.Dist),
+    ABBA-interleaved; ``a`` needs warmup_steps, steps and steps_per_turn. Also used by
+    gpu_check.py."""
     import torch
 
     from apollo_ds import distributed
@@ -277,8 +232,8 @@ def run_pool_plain(a, cfg, d) -> dict:
     pool.to(d.device), plain.to(d.device)
     n_params = sum(p.numel() for p in pool.parameters())
     assert n_params == sum(p.numel() for p in plain.parameters())
-    engines = {"pool": build_engine(pool, ds_cfg, cfg, mpu),
-               "plain": build_engine(plain, ds_cfg, cfg, mpu)}
+    engines = {"pool": build_engine(pool, ds_cfg, cfg, mpu, d),
+               "plain": build_engine(plain, ds_cfg, cfg, mpu, d)}
     lmap = list(range(cfg.model.layers))
     calls = {"pool": lambda e, b: e(b["tokens"], lmap, b["labels"], b["loss_mask"]),
              "plain": lambda e, b: e(b["tokens"], b["labels"], b["loss_mask"])}
@@ -296,16 +251,18 @@ def run_pool_plain(a, cfg, d) -> dict:
         set_lr(eng, lr_at(step, cfg))
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
         for k in range(grad_accum):
             loss = calls[which](eng, batches[step, k])
             eng.backward(loss)
             eng.step()
-            loss_sum += loss.item()
-        # the slowest rank defines the step
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        torch.distributed.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)
-        return dt.item(), loss_sum / grad_accum
+            loss_sum += loss.detach().double()
+        # One host sync per step, inside the timed region (as the Trainer does): on CUDA it
+        # waits for the step's kernels, and it spares a sync per micro-batch.
+        loss_val = loss_sum.item()
+        # the slowest rank defines the step (the helper puts it where the backend wants it)
+        dt = distributed.all_reduce([time.perf_counter() - t0], op="max").item()
+        return dt, loss_val / grad_accum
 
     times = {"pool": [], "plain": []}
     turns = {"pool": [], "plain": []}      # turn index of every timed step (for pairing)
@@ -342,6 +299,7 @@ def run_trainer_route(a, tp: int, pp: int, vocab: int, d) -> dict:
     --bubble-fit, at 2B ("2m": twice the micro-batches of the same size), ABBA-interleaved."""
     import torch
 
+    from apollo_ds.distributed import all_reduce
     from apollo_ds.training.loop import Trainer
     total = a.warmup_steps + a.steps
     out_dir = os.path.join(tempfile.gettempdir(),
@@ -357,10 +315,9 @@ def run_trainer_route(a, tp: int, pp: int, vocab: int, d) -> dict:
                                "train.eval_interval=0"])
         trainers[arm] = Trainer(cfg, d)
     n_params = sum(p.numel() for p in trainers["m"].model.parameters())
-    n_params_t = torch.tensor([n_params], dtype=torch.int64)
     if pp > 1:      # each stage holds its part (tied embeddings counted on both ends)
-        torch.distributed.all_reduce(n_params_t)
-        n_params_t //= d.dp
+        # (float64 holds parameter counts exactly; the helper picks the backend's device)
+        n_params = int(all_reduce([n_params]).item()) // d.dp
     times = {k: [] for k in arms}
     turns = {k: [] for k in arms}
     losses = {k: [] for k in arms}
@@ -377,175 +334,18 @@ def run_trainer_route(a, tp: int, pp: int, vocab: int, d) -> dict:
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
                 rec = trainers[arm].train_step(s)
-                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                torch.distributed.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)
+                dt = all_reduce([time.perf_counter() - t0], op="max").item()
                 nxt[arm] = s + 1
                 losses[arm].append(rec["loss"])
                 if s > a.warmup_steps:
-                    times[arm].append(dt.item())
+                    times[arm].append(dt)
                     turns[arm].append(turn)
         turn += 1
     tr = trainers["m"]
     return {"step_times": times, "step_turns": turns, "losses": losses,
             "micro_batches_per_step": {k: trainers[k].grad_accum for k in arms},
-            "stages": d.pp, "n_params_total": int(n_params_t.item()),
+            "stages": d.pp, "n_params_total": n_params,
             "tokens_per_step": {k: gb * tr.cfg.model.seq_len for k, gb in arms.items()}}
-
-
-# ----------------------------------------------------------------------------- summary
-def summarise(step_times: dict, tokens: int) -> dict:
-    out = {}
-    for which, ts in step_times.items():
-        med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        out[which] = {"steps": len(ts), "median_step_s": med, "mean_step_s": statistics.fmean(ts),
-                      "min_step_s": min(ts),
-                      "p25_step_s": q[0], "p75_step_s": q[2],
-                      "tokens_per_s": tokens / med,
-                      "tokens_per_s_mean": tokens / statistics.fmean(ts)}
-    out["ratio_pool_over_plain"] = out["pool"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
-    out["ratio_pool_over_plain_mean"] = (out["pool"]["tokens_per_s_mean"]
-                                         / out["plain"]["tokens_per_s_mean"])
-    # interference from other jobs only ever adds time: the fastest steps are the cleanest
-    out["ratio_pool_over_plain_min"] = out["plain"]["min_step_s"] / out["pool"]["min_step_s"]
-    return out
-
-
-def summarise_trainer(tr: dict) -> dict:
-    out = {}
-    for arm, ts in tr["step_times"].items():
-        med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        out[arm] = {"steps": len(ts), "median_step_s": med, "min_step_s": min(ts),
-                    "p25_step_s": q[0], "p75_step_s": q[2],
-                    "tokens_per_s": tr["tokens_per_step"][arm] / med}
-    S, m = tr["stages"], tr["micro_batches_per_step"]["m"]
-    out["bubble_analytic"] = (S - 1) / (m + S - 1)
-    if "2m" in out:
-        for key, stat in (("median", "median_step_s"), ("min", "min_step_s")):
-            t1, t2 = out["m"][stat], out["2m"][stat]
-            a = (t2 - t1) / m          # seconds per micro-batch slot
-            if a > 0:
-                b = t1 / a - m         # fixed cost in micro-batch slots (bubble + overheads)
-                out[f"fit_{key}"] = {"a_s_per_micro": a, "b_slots": b,
-                                     "bubble_measured": b / (m + b)}
-            else:
-                out[f"fit_{key}"] = None
-    return out
-
-
-def print_trainer_table(results: list[dict]) -> None:
-    rows = [r for r in results if "trainer" in r]
-    if not rows:
-        return
-    print()
-    print("Trainer route: apollo_ds.training.loop.Trainer.train_step, Apollo off (full depth), "
-          "same model / micro / global batch in every layout")
-    print(f"{'layout':<9} {'procs':>5} {'dp':>3} {'S':>2} {'m':>3} {'arm':<4} {'steps':>5} "
-          f"{'median s/step':>13} {'IQR s':>15} {'min s':>7} {'tokens/s':>10}")
-    for r in rows:
-        tr = r["trainer"]
-        ts = tr["summary"]
-        for arm in tr["step_times"]:
-            x = ts[arm]
-            print(f"{r['layout']:<9} {r['world']:>5} {r['dp']:>3} {tr['stages']:>2} "
-                  f"{tr['micro_batches_per_step'][arm]:>3} {arm:<4} {x['steps']:>5} "
-                  f"{x['median_step_s']:>13.4f} "
-                  f"{x['p25_step_s']:>7.4f}-{x['p75_step_s']:<7.4f} {x['min_step_s']:>7.4f} "
-                  f"{x['tokens_per_s']:>10,.0f}")
-    print()
-    print("pipeline bubble at the benchmark's m (micro-batches per step per pipeline); "
-          "analytic = (S-1)/(m+S-1) for DeepSpeed's 1F1B TrainSchedule; measured = b/(m+b) "
-          "from t(m) = a*(m+b) fitted to the m and 2m arms (b includes optimizer/all-reduce "
-          "fixed costs: compare with the S=1 layouts)")
-    for r in rows:
-        tr = r["trainer"]
-        ts = tr["summary"]
-        m = tr["micro_batches_per_step"]["m"]
-        line = (f"{r['layout']:<9} S={tr['stages']} m={m}: analytic {ts['bubble_analytic']:.3f}")
-        for key in ("median", "min"):
-            f = ts.get(f"fit_{key}", "absent")
-            if f == "absent":
-                continue
-            if f is None:
-                line += f" | measured ({key}s): fit failed (t(2m) <= t(m): too noisy)"
-            else:
-                line += (f" | measured ({key}s) {f['bubble_measured']:.3f} "
-                         f"(a {f['a_s_per_micro']:.4f} s/micro-batch, b {f['b_slots']:.2f} slots)")
-        print(line)
-    base = next((r for r in rows if r["tp"] == 1 and r["pp"] == 1), rows[0])
-    for r in rows:
-        if r is base:
-            continue
-        bt, rt = base["trainer"]["summary"]["m"], r["trainer"]["summary"]["m"]
-        print(f"trainer tokens/s {r['layout']} / {base['layout']} = "
-              f"{rt['tokens_per_s'] / bt['tokens_per_s']:.3f} (medians; min-based "
-              f"{bt['min_step_s'] / rt['min_step_s']:.3f}; same {r['world']} processes)")
-
-
-def paired_ratio(step_times: dict, step_turns: dict) -> float | None:
-    """Median over turns (each runs both models back to back) of plain_time / pool_time: each
-    pair ran back to back, so a slow phase of a shared machine cancels within the pair."""
-    blocks = {}
-    for which in ("pool", "plain"):
-        for t, turn in zip(step_times[which], step_turns[which]):
-            blocks.setdefault(turn, {"pool": [], "plain": []})[which].append(t)
-    ratios = [statistics.median(b["plain"]) / statistics.median(b["pool"])
-              for b in blocks.values() if b["pool"] and b["plain"]]
-    return statistics.median(ratios) if ratios else None
-
-
-def print_table(results: list[dict]) -> None:
-    print()
-    results = [r for r in results if "summary" in r]
-    if not results:
-        return
-    print(f"{'layout':<9} {'procs':>5} {'model':<6} {'steps':>5} {'median s/step':>13} "
-          f"{'IQR s':>15} {'min s':>7} {'tokens/s':>10}")
-    for r in results:
-        s = r["summary"]
-        for which in ("pool", "plain"):
-            x = s[which]
-            print(f"{r['layout']:<9} {r['world']:>5} {which:<6} {x['steps']:>5} "
-                  f"{x['median_step_s']:>13.4f} "
-                  f"{x['p25_step_s']:>7.4f}-{x['p75_step_s']:<7.4f} {x['min_step_s']:>7.4f} "
-                  f"{x['tokens_per_s']:>10,.0f}")
-        ok = "OK" if s["ratio_pool_over_plain"] >= 0.97 else "BELOW GOAL"
-        print(f"{r['layout']:<9} {'':>5} pool/plain tokens/s = {s['ratio_pool_over_plain']:.3f} "
-              f"(medians; paired {s['ratio_pool_over_plain_paired'] or float('nan'):.3f}, "
-              f"min-based {s['ratio_pool_over_plain_min']:.3f}, "
-              f"mean-based {s['ratio_pool_over_plain_mean']:.3f}; goal >= 0.97: {ok}); "
-              f"max |loss_pool - loss_plain| = {r['max_loss_diff']:.2e}")
-    if len(results) > 1:
-        base = results[0]
-        for r in results[1:]:
-            rel = r["summary"]["pool"]["tokens_per_s"] / base["summary"]["pool"]["tokens_per_s"]
-            print(f"pool tokens/s {r['layout']} / {base['layout']} = {rel:.3f} "
-                  f"(same {r['world']} processes)")
-
-
-def merge(parts: list[dict]) -> dict:
-    r = dict(parts[0])
-    if "trainer" in r:
-        tr = dict(r["trainer"])
-        arms = list(tr["step_times"])
-        tr["step_times"] = {w: [t for p in parts for t in p["trainer"]["step_times"][w]]
-                            for w in arms}
-        tr["step_turns"] = {w: [t + 100000 * i for i, p in enumerate(parts)
-                                for t in p["trainer"]["step_turns"][w]] for w in arms}
-        tr.pop("losses", None)
-        r["trainer"] = tr
-    r["launches"] = len(parts)
-    if "step_times" not in r:
-        return r
-    r["step_times"] = {w: [t for p in parts for t in p["step_times"][w]] for w in ("pool", "plain")}
-    # keep turns distinct across launches so pairs never span two launches
-    r["step_turns"] = {w: [t + 100000 * i for i, p in enumerate(parts)
-                           for t in p["step_turns"][w]] for w in ("pool", "plain")}
-    r["max_loss_diff"] = max(p["max_loss_diff"] for p in parts)
-    r["launches"] = len(parts)
-    r.pop("losses", None)
-    return r
 
 
 # ----------------------------------------------------------------------------- driver
