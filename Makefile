@@ -1,4 +1,6 @@
 # The two commands a new user runs: `make demo` and `make test`. Both create .venv when needed.
+# The accelerator is chosen by the machine (CUDA when it works, else the CPU); DS_ACCELERATOR=cpu
+# forces the CPU (the tests set it themselves).
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -6,7 +8,6 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CACHE ?= $(CURDIR)/.cache/apollo_ds
 DATA := $(CACHE)/data
-export DS_ACCELERATOR ?= cpu
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv data demo test test-all test-slow bench gpu-check plan clean

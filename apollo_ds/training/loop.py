@@ -85,6 +85,11 @@ class Trainer:
     def engine(self):
         return self.runtime.engine
 
+    def close(self) -> None:
+        """Flush the metrics and free the engine (for callers that drive train_step)."""
+        self.metrics.close()
+        self.runtime.destroy()
+
     def _wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.t_start
 

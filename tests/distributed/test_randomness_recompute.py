@@ -46,10 +46,9 @@ def test_tp2_dropout_keeps_replicated_parameters_identical(corpus, tmp_path):
 
 def test_dropout_changes_the_run(corpus, tmp_path):
     """The dropout test above must not pass vacuously: dropout 0.1 changes the losses."""
-    a, _ = _run(tmp_path, corpus, "d0", 1, "train_and_dump.py", {"tp": 1}, steps=3,
-                eval_iters=1)
+    a, _ = _run(tmp_path, corpus, "d0", 1, "train_and_dump.py", {"tp": 1}, eval_iters=1)
     b, _ = _run(tmp_path, corpus, "d1", 1, "train_and_dump.py", {"tp": 1},
-                model={"dropout": 0.1}, steps=3, eval_iters=1)
+                model={"dropout": 0.1}, eval_iters=1)
     assert a[0]["loss"] != b[0]["loss"]
 
 
