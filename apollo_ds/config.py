@@ -86,6 +86,7 @@ class TrainConfig:
     stop_after: int = 0             # >0: stop (with a checkpoint) after this step; for tests
     check_plan_agreement: bool = False
     recompute: str = "none"         # full: re-run every transformer layer in backward
+    keep_checkpoints: int = 0       # >0: keep only the newest K checkpoints (0: keep all)
 
 
 @dataclass
@@ -242,7 +243,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
          f"choose one of {', '.join(OPTIMIZERS)}")
     need(t.recompute in RECOMPUTE, f"train.recompute='{t.recompute}' is unknown; choose one "
          f"of {', '.join(RECOMPUTE)} (full: recompute every layer's activations in backward)")
-    for name in ("save_interval", "eval_interval", "stop_after"):
+    for name in ("save_interval", "eval_interval", "stop_after", "keep_checkpoints"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     need(t.log_interval >= 1, "train.log_interval must be >= 1")
     need(t.eval_iters >= 1, "train.eval_iters must be >= 1")

@@ -193,7 +193,8 @@ class Trainer:
                                f"{time.perf_counter() - t0:.1f}s")
 
     def save(self) -> None:
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self._run_state(), self.dist.rank)
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self._run_state(), self.dist.rank,
+                              keep=self.cfg.train.keep_checkpoints)
         print0(self.dist.rank, f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}")
 
     # ---------------------------------------------------------------- the run

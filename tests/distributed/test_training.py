@@ -89,3 +89,23 @@ def test_bf16_trains_expands_and_resumes_exactly(zero, corpus, tmp_path):
     r = pretrain(2, config(tmp_path, corpus, "resumed", zero, "bf16"))
     assert "at step 10" in r.stdout
     assert losses(tmp_path / "resumed") == reference
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(corpus, tmp_path):
+    """keep_checkpoints=2 leaves steps 10 and 15 of a run stopped at 15; truncating a file of
+    step 15 makes the rerun warn, resume from step 10 (across the expansion after step 9) and
+    still end with the straight run's losses, every step once in metrics.jsonl."""
+    pretrain(2, config(tmp_path, corpus, "straight", 1))
+    reference = losses(tmp_path / "straight")
+    pretrain(2, config(tmp_path, corpus, "run", 1, save_interval=5, keep_checkpoints=2,
+                       stop_after=15))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000010",
+                                                       "step_0000015"]
+    victim = max((p for p in (ckpts / "step_0000015").rglob("*optim_states.pt")),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    r = pretrain(2, config(tmp_path, corpus, "run", 1, save_interval=5, keep_checkpoints=2))
+    assert "step_0000015 is corrupt or truncated" in r.stderr
+    assert "at step 10" in r.stdout
+    assert losses(tmp_path / "run") == reference

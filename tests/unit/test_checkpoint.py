@@ -1,0 +1,82 @@
+"""Durable checkpoints without a job: a checkpoint is complete only with its manifest, the
+newest one that verifies is found, a truncated, altered or missing file sends the search to
+the newest older checkpoint (with a warning), and retention keeps the newest K but never the
+one ``latest`` names. The engine is a stand-in that writes files the way DeepSpeed lays them
+out; the distributed suite runs the real engine through the same code."""
+import json
+import os
+
+import pytest
+
+from apollo_ds.config import ConfigError
+from apollo_ds.training import checkpoint as ck
+
+
+class FakeEngine:
+    def save_checkpoint(self, ckpt_dir, tag, client_state, save_latest):
+        assert save_latest is False
+        d = os.path.join(ckpt_dir, tag)
+        os.makedirs(d, exist_ok=True)
+        for name, size in (("mp_rank_00_model_states.pt", 3000),
+                           ("zero_pp_rank_0_mp_rank_00_optim_states.pt", 5000)):
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(os.urandom(size))
+
+
+def save(tmp_path, step, keep=0):
+    return ck.save(FakeEngine(), str(tmp_path), {"step": step, "n_unique": 1}, 0, keep=keep)
+
+
+def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
+    tag = save(tmp_path, 5)
+    man = json.loads((tmp_path / tag / ck.MANIFEST).read_text())
+    assert sorted(man["files"]) == sorted(["mp_rank_00_model_states.pt", ck.RUN_STATE,
+                                           "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+    assert man["files"]["mp_rank_00_model_states.pt"]["size"] == 3000
+    assert (tmp_path / ck.LATEST).read_text() == "step_0000005"
+    assert ck.verify(str(tmp_path / tag)) is None
+    assert ck.find_latest(str(tmp_path)) == ("step_0000005", {"step": 5, "n_unique": 1})
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "no_manifest"])
+def test_damaged_newest_falls_back_to_older(damage, tmp_path, capsys):
+    save(tmp_path, 5)
+    save(tmp_path, 10)
+    bad = tmp_path / "step_0000010"
+    opt = bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if damage == "truncate":
+        opt.write_bytes(opt.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(opt.read_bytes())
+        data[7] ^= 0xFF
+        opt.write_bytes(bytes(data))
+    elif damage == "delete":
+        opt.unlink()
+    else:   # killed before the manifest (and so before `latest`) was written
+        (bad / ck.MANIFEST).unlink()
+        (bad / ck.RUN_STATE).unlink()
+    assert ck.find_latest(str(tmp_path))[0] == "step_0000005"
+    if damage != "no_manifest":
+        assert "step_0000010 is corrupt or truncated" in capsys.readouterr().err
+
+
+def test_nothing_valid_is_refused_with_the_fix(tmp_path):
+    save(tmp_path, 5)
+    (tmp_path / "step_0000005" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no valid checkpoint.*move .* away"):
+        ck.find_latest(str(tmp_path))
+
+
+def test_keep_newest_k_never_the_latest(tmp_path):
+    for s in (5, 10, 15, 20):
+        save(tmp_path, s, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000015", "step_0000020"]
+    # `latest` pointing at an older tag (as after a fallback) protects that tag
+    (tmp_path / ck.LATEST).write_text("step_0000015")
+    assert ck.prune(str(tmp_path), 1) == []
+    save(tmp_path, 25, keep=1)
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000025"]
+
+
+def test_fresh_directory_has_no_checkpoint(tmp_path):
+    assert ck.find_latest(str(tmp_path / "none")) is None
