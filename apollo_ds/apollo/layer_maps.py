@@ -3,7 +3,13 @@ layer copies at a stage boundary (growth). See design/apollo.md.
 
 interpolate: position i of a depth-d network runs pool layer floor(i*N/d): each unique layer
     fills one contiguous block, in order (N=3, d=8 -> [0,0,0,1,1,1,2,2]).
-stack:       position i runs layer i % N (N=3, d=6 -> [0,1,2,0,1,2]); ablation only.
+stack:       the release's cyclic order: the first N*floor(d/N) positions run 0..N-1 over and
+    over, and the r = d mod N remaining positions run the LAST r layers, in order
+    (N=3, d=6 -> [0,1,2,0,1,2]; N=3, d=8 -> [0,1,2,0,1,2,1,2]); ablation only.
+
+Both growth rules are the layer map itself: new layer i copies old layer
+``layer_map(n_old, n_new, grow)[i]`` (interpolate 3 -> 6: [0,0,1,1,2,2]; stack 2 -> 3: [0,1,1]),
+as in the release, which builds its growth list with the same function as its layer lists.
 """
 from __future__ import annotations
 
@@ -34,16 +40,19 @@ def layer_map(N: int, d: int, grow: str = "interpolate") -> list[int]:
         raise ValueError(f"depth d={d} is below the number of unique layers N={N}; "
                          f"every pool layer must be used, so d >= N")
     if grow == "stack":
-        return [i % N for i in range(d)]
+        full = (d // N) * N
+        r = d - full
+        return [i % N for i in range(full)] + [N - r + j for j in range(r)]
     return [i * N // d for i in range(d)]
 
 
 def expansion_sources(n_old: int, n_new: int, grow: str = "interpolate") -> list[int]:
     """For each new unique layer i (0 <= i < n_new), the old layer it is initialised from.
 
-    interpolate: floor(i*n_old/n_new) (3 -> 6: [0,0,1,1,2,2]); stack: i % n_old
-    ([0,1,2,0,1,2]). With interpolation and n_old | n_new, the grown model at any depth
-    d >= n_new runs exactly the old model's layer sequence at that depth."""
+    ``layer_map(n_old, n_new, grow)``: interpolate floor(i*n_old/n_new) (3 -> 6:
+    [0,0,1,1,2,2]); stack the release's cyclic order (3 -> 6: [0,1,2,0,1,2]; 2 -> 3:
+    [0,1,1]). With interpolation and n_old | n_new, the grown model at any depth d >= n_new
+    runs exactly the old model's layer sequence at that depth."""
     _check_int("n_old", n_old)
     _check_int("n_new", n_new)
     _check_grow(grow)
@@ -52,6 +61,4 @@ def expansion_sources(n_old: int, n_new: int, grow: str = "interpolate") -> list
     if n_new < n_old:
         raise ValueError(f"cannot grow from {n_old} to {n_new} unique layers: n_new must be "
                          f">= n_old")
-    if grow == "stack":
-        return [i % n_old for i in range(n_new)]
-    return [i * n_old // n_new for i in range(n_new)]
+    return layer_map(n_old, n_new, grow)

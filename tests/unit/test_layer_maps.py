@@ -13,6 +13,18 @@ def test_documented_examples():
     assert layer_map(4, 4) == [0, 1, 2, 3]
 
 
+def test_stack_matches_the_release_cyclic_order():
+    # The release (stack_meta_layer): full cycles 0..N-1, then the last r = d mod N layers.
+    assert layer_map(3, 8, "stack") == [0, 1, 2, 0, 1, 2, 1, 2]
+    assert layer_map(3, 6, "stack") == [0, 1, 2, 0, 1, 2]
+    assert layer_map(3, 7, "stack") == [0, 1, 2, 0, 1, 2, 2]
+    assert layer_map(4, 6, "stack") == [0, 1, 2, 3, 2, 3]
+    assert layer_map(1, 4, "stack") == [0, 0, 0, 0]
+    assert expansion_sources(2, 3, "stack") == [0, 1, 1]
+    assert expansion_sources(3, 6, "stack") == [0, 1, 2, 0, 1, 2]
+    assert expansion_sources(6, 12, "stack") == list(range(6)) * 2
+
+
 @pytest.mark.parametrize("grow", ["interpolate", "stack"])
 def test_every_pool_layer_used_at_every_depth(grow):
     for L in range(1, 25):
