@@ -473,7 +473,7 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, tag: str 
     grow = (state.get("apollo") or {}).get("grow", "interpolate")
     lmap = layer_map(n_unique, L, grow)
     if n_unique < L:
-        rule = "floor(i*N/L)" if grow == "interpolate" else "i % N"
+        rule = "floor(i*N/L)" if grow == "interpolate" else "cyclic"
         log(f"pool holds {n_unique} < {L} unique layers (checkpoint mid-Apollo): exporting the "
             f"full-depth network, HF layer i = pool layer {rule} ({grow}) = {lmap}")
     else:
