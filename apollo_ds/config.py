@@ -15,7 +15,9 @@ import yaml
 
 SAMPLERS = ("lvps", "uniform", "sigmoid", "constant_high", "constant_low")
 GROW_METHODS = ("interpolate", "stack")
-OPTIMIZER_STATE_MODES = ("copy", "reset")
+OPTIMIZER_STATE_MODES = ("copy", "copy_scaled", "reset", "release")
+UPDATE_SCALES = ("none", "inv_uses")
+LR_SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "torch_adam")
 RECOMPUTE = ("none", "full")
 
@@ -45,7 +47,21 @@ class ApolloConfig:
     stage_ends: list = field(default_factory=list)   # fractions of train.steps, or step numbers
     sampler: str = "lvps"
     grow: str = "interpolate"
+    # Adam state of the grown pool (apollo/expand.py): copy (each new layer takes its source's
+    # moments and step count), copy_scaled (the same, moments divided by k and k^2 for the k
+    # uses a source layer's gradient summed, relative to a copy's), reset (every copy but the
+    # first of an old layer starts a fresh Adam: zero moments, own step count from 0), release
+    # (the authors' release: new layer i < n_old keeps old layer i's own, now stale, moments;
+    # layers i >= n_old start fresh)
     optimizer_state: str = "copy"
+    # > 0: add growth_noise * std(source tensor) * N(0,1) to every copy but the first of an
+    # old layer at each expansion (symmetry breaking; seeded by seed, name and stage, the same
+    # at any TP size); 0: exact copies (the expansion identity holds)
+    growth_noise: float = 0.0
+    # lr multiplier of the pool layers' parameters: none, or inv_uses (1/k with k = E[d]/N
+    # of the current stage, the mean positions a pool layer runs per micro-batch; 1 in the
+    # last stage)
+    update_scale: str = "none"
 
 
 @dataclass
@@ -87,6 +103,15 @@ class TrainConfig:
     check_plan_agreement: bool = False
     recompute: str = "none"         # full: re-run every transformer layer in backward
     keep_checkpoints: int = 0       # >0: keep only the newest K checkpoints (0: keep all)
+    # cosine: warmup, then cosine to min_lr at train.steps. wsd (warmup-stable-decay): warmup,
+    # constant lr, then linear decay to min_lr over the last train.decay of the run; the decay
+    # must start after the last Apollo expansion
+    lr_schedule: str = "cosine"
+    decay: float = 0.0              # wsd decay length: fraction (<1) or steps (>=1); 0: the
+                                    # whole last Apollo stage (the whole run after warmup
+                                    # without Apollo)
+    rewarmup_steps: int = 0         # >0: after each expansion, ramp the lr linearly from
+                                    # schedule/K to the schedule over K steps
 
 
 @dataclass
@@ -198,6 +223,23 @@ def stage_end_steps(cfg: RunConfig) -> list[int]:
     return ends + [steps]
 
 
+def warmup_steps(cfg: RunConfig) -> int:
+    t = cfg.train
+    return int(t.warmup) if t.warmup >= 1 else int(round(t.warmup * t.steps))
+
+
+def wsd_decay_start(cfg: RunConfig) -> int:
+    """Last step at the constant lr of the wsd schedule: the decay covers the steps after it.
+    train.decay=0: the decay starts right after the last expansion (or after the warmup
+    without one)."""
+    t = cfg.train
+    if t.decay > 0:
+        length = int(round(t.decay * t.steps)) if t.decay < 1 else int(t.decay)
+        return t.steps - length
+    ends = stage_end_steps(cfg)
+    return max(ends[-2] if cfg.apollo.enabled and len(ends) > 1 else 0, warmup_steps(cfg))
+
+
 def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = True) -> RunConfig:
     """Refuse bad settings with one clear ConfigError. ``check_files=False`` skips the checks
     that files exist (used by ``apollo-ds plan``, which needs no data)."""
@@ -264,6 +306,10 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     need(a.optimizer_state in OPTIMIZER_STATE_MODES,
          f"apollo.optimizer_state='{a.optimizer_state}' is unknown; choose one of "
          f"{', '.join(OPTIMIZER_STATE_MODES)}")
+    need(0.0 <= a.growth_noise <= 1.0, f"apollo.growth_noise={a.growth_noise} must be in "
+         f"[0, 1] (a fraction of each tensor's std; 0 disables the noise)")
+    need(a.update_scale in UPDATE_SCALES, f"apollo.update_scale='{a.update_scale}' is "
+         f"unknown; choose one of {', '.join(UPDATE_SCALES)}")
     if not a.enabled:
         a.stages, a.stage_ends = [m.layers], []
     st = a.stages
@@ -286,4 +332,28 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
          f"and end before train.steps={t.steps}")
     need(ends[0] >= 1, f"apollo.stage_ends={a.stage_ends}: the first stage ends at step "
          f"{ends[0]}; every stage needs at least one step")
+    _validate_schedule(cfg, ends, need)
     return cfg
+
+
+def _validate_schedule(cfg: RunConfig, ends: list[int], need) -> None:
+    """train.lr_schedule / decay / rewarmup_steps against the stage ends."""
+    t = cfg.train
+    need(t.lr_schedule in LR_SCHEDULES, f"train.lr_schedule='{t.lr_schedule}' is unknown; "
+         f"choose one of {', '.join(LR_SCHEDULES)}")
+    need(t.decay >= 0, f"train.decay={t.decay} must be >= 0 (0: decay over the last stage)")
+    need(t.decay == 0 or t.lr_schedule == "wsd", f"train.decay={t.decay} applies to "
+         f"train.lr_schedule=wsd only; set train.lr_schedule=wsd or train.decay=0")
+    need(t.rewarmup_steps >= 0, f"train.rewarmup_steps={t.rewarmup_steps} must be >= 0")
+    expansions = ends[:-1] if cfg.apollo.enabled else []
+    if t.lr_schedule == "wsd":
+        start, last = wsd_decay_start(cfg), (expansions[-1] if expansions else 0)
+        need(last <= start < t.steps, f"train.decay={t.decay} starts the wsd decay after "
+             f"step {start}, outside steps {last}..{t.steps - 1} (after the last expansion, at "
+             f"step {last}, and before train.steps); shorten train.decay or use 0")
+        need(start >= warmup_steps(cfg), f"train.decay={t.decay} starts the wsd decay after "
+             f"step {start}, inside the warmup ({warmup_steps(cfg)} steps); shorten it")
+    stage_lengths = [y - x for x, y in zip(ends, ends[1:])]
+    need(not expansions or t.rewarmup_steps <= min(stage_lengths),
+         f"train.rewarmup_steps={t.rewarmup_steps} is longer than the shortest stage after an "
+         f"expansion ({min(stage_lengths) if stage_lengths else 0} steps); use fewer steps")

@@ -4,13 +4,52 @@ master and Adam moments by canonical name (``pool.<i>.<rest>`` for pool layers),
 says what the grown pool's state is, and the runtime scatters it into a new engine's
 partitions. No engine, process group or device is touched here.
 
-New pool layer i starts as a copy of old layer ``expansion_sources(n_old, n_new, grow)[i]``:
-its master weights, and (``optimizer_state=copy``) its Adam moments too; with ``reset`` the
-first copy of every old layer keeps its moments and the other copies start from zero moments.
+New pool layer i always starts from the master weights of old layer
+``s_i = expansion_sources(n_old, n_new, grow)[i]``. Its Adam state (``apollo.optimizer_state``):
+
+copy         s_i's moments and s_i's Adam step count.
+copy_scaled  s_i's moments rescaled for the uses they summed: a layer that ran k positions
+             per micro-batch accumulated k gradients, so m ~ k g and v ~ k^2 g^2. With
+             u_old[s] the expected uses of old layer s per micro-batch in the old stage and
+             u_new[i] those of new layer i in the new stage (both exact, from the depth pmf
+             and the layer map: ``samplers.expected_uses``), k_i = u_old[s_i] / u_new[i] and
+             the copy gets m / k_i, v / k_i^2 (k_i = u_old[s_i] when the new stage is the
+             last, where every layer runs once). Adam's next update m/sqrt(v) is unchanged;
+             what changes is how the moments mix with the copy's own, smaller gradients.
+reset        the first copy of every old layer keeps s_i's moments and step count; every other
+             copy (``fresh_layers``) starts as a fresh Adam: zero moments, its own step count
+             from 0 (so its first updates are bias-corrected like any new parameter's).
+release      what the authors' release does. The release holds the full-depth stack h[0..L-1]
+             with one optimizer from step 0, trains h[0..N-1] in a stage with N unique layers
+             (its layer lists index h by the layer map's pool indices) and, at a boundary,
+             overwrites h[i] (i < N_new) with a copy of h[s_i]'s weights (``param.data``),
+             leaving the optimizer state keyed to h[i] alone. So apollo_ds's pool layer i IS
+             the release's h[i]: for i < n_old, new layer i takes s_i's weights but keeps OLD
+             LAYER i's own moments and step count (now stale where s_i != i); for i >= n_old,
+             h[i] never received a gradient (its state was never created), so it starts as a
+             fresh Adam: zero moments, step count from 0.
+
+Adam step counts are tracked per pool layer as a step offset: layer i's Adam step is
+``global step - offsets[i]`` (``grow_step_offsets``); the runtime puts layers with different
+offsets in different parameter groups, since ZeRO keeps one step counter per flat group.
+
+Symmetry breaking (``apollo.growth_noise = sigma > 0``, ``GrowthNoise``): every fresh copy (all
+copies of an old layer but its first) gets ``sigma * std(source tensor) * N(0, 1)`` added to
+its master weights. The noise is drawn as the FULL (unsharded) tensor from a generator seeded by
+(seed, new parameter name, new stage) and each tensor-parallel rank keeps its slice; the std is
+of the full tensor (the runtime reduces it over the TP group). So TP=1 and TP=2 grow the same
+weights, on every rank and at every ZeRO stage (ZeRO partitions are gathered before this runs).
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
 from apollo_ds.apollo.layer_maps import expansion_sources
+
+OPTIMIZER_STATE_MODES = ("copy", "copy_scaled", "reset", "release")
 
 
 def source_name(name: str, sources: list[int]) -> str:
@@ -34,26 +73,111 @@ def pool_index(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "pool" else None
 
 
+def pool_rest(name: str) -> str:
+    """pool.<i>.<rest> -> <rest>."""
+    return name.split(".", 2)[2]
+
+
 def grown_names(names, n_new: int) -> list[str]:
     """Canonical names of the grown model: the non-pool names, then pool.<i>.<rest> for every
     new layer i and every <rest> a pool layer has."""
-    rests = sorted({n.split(".", 2)[2] for n in names if pool_index(n) is not None})
+    rests = sorted({pool_rest(n) for n in names if pool_index(n) is not None})
     return ([n for n in names if pool_index(n) is None]
             + [f"pool.{i}.{r}" for i in range(n_new) for r in rests])
 
 
-def grow_state(state: dict, n_old: int, n_new: int, grow: str = "interpolate",
-               optimizer_state: str = "copy") -> dict:
-    """The full state of the grown pool: canonical name -> {"param", "exp_avg",
-    "exp_avg_sq"}, a moment None meaning zero. Entries are shared with ``state``, not copied
-    (the runtime writes them out)."""
+def _check_mode(mode: str) -> None:
+    if mode not in OPTIMIZER_STATE_MODES:
+        raise ValueError(f"unknown optimizer_state '{mode}'; choose one of "
+                         f"{', '.join(OPTIMIZER_STATE_MODES)}")
+
+
+def grow_step_offsets(offsets: list[int], n_old: int, n_new: int, grow: str, mode: str,
+                      step: int) -> list[int]:
+    """Per-layer Adam step offsets of the grown pool (layer i's Adam step = global step -
+    offset) after an expansion at global step ``step``: fresh-Adam layers get ``step``."""
+    _check_mode(mode)
+    if len(offsets) != n_old:
+        raise ValueError(f"{len(offsets)} step offsets for a pool of {n_old} layers")
     sources = expansion_sources(n_old, n_new, grow)
-    fresh = fresh_layers(sources) if optimizer_state == "reset" else set()
+    if mode == "release":
+        return [offsets[i] if i < n_old else step for i in range(n_new)]
+    fresh = fresh_layers(sources) if mode == "reset" else set()
+    return [step if i in fresh else offsets[s] for i, s in enumerate(sources)]
+
+
+def moment_scales(uses_old: list[float], uses_new: list[float], sources: list[int]
+                  ) -> list[float]:
+    """k_i = u_old[s_i] / u_new[i] for copy_scaled (see the module docstring)."""
+    if len(uses_new) != len(sources):
+        raise ValueError(f"{len(uses_new)} new-stage use counts for {len(sources)} layers")
+    return [uses_old[s] / uses_new[i] for i, s in enumerate(sources)]
+
+
+def _generator(seed: int, name: str, stage: int) -> torch.Generator:
+    digest = hashlib.sha256(f"growth_noise:{seed}:{name}:{stage}".encode()).digest()
+    g = torch.Generator()
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+@dataclass
+class GrowthNoise:
+    """Relative Gaussian noise on fresh copies. ``std``: canonical source name -> std of the
+    FULL tensor; ``layout``: <rest> of a pool tensor -> its tensor-parallel partition dim
+    (absent or None: replicated); ``tp``/``tp_rank``: this rank's slice."""
+    sigma: float
+    seed: int
+    stage: int
+    std: dict = field(default_factory=dict)
+    layout: dict = field(default_factory=dict)
+    tp: int = 1
+    tp_rank: int = 0
+
+    def sample(self, name: str, src_name: str, local: torch.Tensor) -> torch.Tensor:
+        """The noise for this rank's slice ``local`` of parameter ``name``."""
+        dim = self.layout.get(pool_rest(name))
+        shape = list(local.shape)
+        if dim is not None and self.tp > 1:
+            shape[dim] *= self.tp
+        full = torch.randn(shape, generator=_generator(self.seed, name, self.stage),
+                           dtype=torch.float32)
+        if dim is not None and self.tp > 1:
+            full = full.chunk(self.tp, dim=dim)[self.tp_rank]
+        return full * (self.sigma * float(self.std[src_name]))
+
+
+def grow_state(state: dict, n_old: int, n_new: int, grow: str = "interpolate",
+               optimizer_state: str = "copy", scales: list[float] | None = None,
+               noise: GrowthNoise | None = None) -> dict:
+    """The full state of the grown pool: canonical name -> {"param", "exp_avg",
+    "exp_avg_sq"}, a moment None meaning zero. Untouched entries are shared with ``state``, not
+    copied (the runtime writes them out). ``scales``: k_i per new layer (copy_scaled only,
+    ``moment_scales``); ``noise``: symmetry breaking on fresh copies."""
+    _check_mode(optimizer_state)
+    sources = expansion_sources(n_old, n_new, grow)
+    fresh = fresh_layers(sources)
+    if optimizer_state == "copy_scaled" and (scales is None or len(scales) != n_new):
+        raise ValueError("optimizer_state=copy_scaled needs one moment scale per new layer")
     out = {}
     for name in grown_names(list(state), n_new):
-        src = state[source_name(name, sources)]
-        entry = dict(src)
-        if pool_index(name) in fresh:
-            entry["exp_avg"] = entry["exp_avg_sq"] = None
+        src_name = source_name(name, sources)
+        entry = dict(state[src_name])
+        i = pool_index(name)
+        if i is not None:
+            if optimizer_state == "reset" and i in fresh:
+                entry["exp_avg"] = entry["exp_avg_sq"] = None
+            elif optimizer_state == "release":
+                own = state.get(name) if i < n_old else None
+                entry["exp_avg"] = own["exp_avg"] if own else None
+                entry["exp_avg_sq"] = own["exp_avg_sq"] if own else None
+            elif optimizer_state == "copy_scaled":
+                k = float(scales[i])
+                if entry["exp_avg"] is not None:
+                    entry["exp_avg"] = entry["exp_avg"] / k
+                if entry["exp_avg_sq"] is not None:
+                    entry["exp_avg_sq"] = entry["exp_avg_sq"] / (k * k)
+            if noise is not None and noise.sigma > 0 and i in fresh:
+                entry["param"] = entry["param"] + noise.sample(name, src_name, entry["param"])
         out[name] = entry
     return out

@@ -121,3 +121,15 @@ def depth_pmf(sampler: str, L: int, N: int) -> dict[int, float]:
 
 def expected_depth(sampler: str, L: int, N: int) -> float:
     return sum(k * p for k, p in depth_pmf(sampler, L, N).items())
+
+
+def expected_uses(sampler: str, L: int, N: int, grow: str = "interpolate") -> list[float]:
+    """Expected number of positions pool layer j (0 <= j < N) runs in one micro-batch:
+    sum over d of P(d) * #{i : layer_map(N, d)[i] == j}, from the exact pmf. Sums to E[d]."""
+    from .layer_maps import layer_map
+    uses = [0.0] * N
+    for d, p in depth_pmf(sampler, L, N).items():
+        if p > 0:
+            for j in layer_map(N, d, grow):
+                uses[j] += p
+    return uses

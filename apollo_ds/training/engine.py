@@ -8,7 +8,9 @@ import math
 
 import torch
 
-from apollo_ds.config import ConfigError, RunConfig
+from apollo_ds.apollo.samplers import expected_depth
+from apollo_ds.config import (ConfigError, RunConfig, stage_end_steps, warmup_steps,
+                              wsd_decay_start)
 
 
 def load_ds_config(cfg: RunConfig, dp: int) -> dict:
@@ -71,23 +73,59 @@ def model_dtype(ds: dict) -> torch.dtype:
     return torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (and embeddings); never biases or norms."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(named_parameters, weight_decay: float, step_offsets=None,
+                 pool_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups keyed by (Adam step offset, lr multiplier, decay): decay for matrices
+    (and embeddings), never for biases or norms. Pool layer i's parameters carry
+    ``step_offsets[i]`` (its Adam step = global step - offset; ZeRO keeps one step counter per
+    flat group, so a layer with its own count needs its own group) and ``pool_lr_scale``; every
+    other parameter has offset 0 and multiplier 1. Groups with equal keys merge, so a run with
+    no offsets and no scaling has today's two groups, decay first. Each group records
+    ``step_offset``, ``lr_scale`` and ``pool_layers`` (the pool indices it holds); the order is
+    a function of the keys only, so a resumed run rebuilds the same groups."""
+    if isinstance(named_parameters, torch.nn.Module):
+        named_parameters = named_parameters.named_parameters()
+    groups: dict[tuple, dict] = {}
+    seen = set()
+    for name, p in named_parameters:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        parts = name.split(".")
+        layer = int(parts[1]) if parts[0] == "pool" else None
+        offset = int(step_offsets[layer]) if (layer is not None and step_offsets) else 0
+        scale = float(pool_lr_scale) if layer is not None else 1.0
+        decay = p.dim() >= 2
+        g = groups.setdefault((offset, -scale, not decay), {
+            "params": [], "weight_decay": weight_decay if decay else 0.0,
+            "step_offset": offset, "lr_scale": scale, "pool_layers": []})
+        g["params"].append(p)
+        if layer is not None and layer not in g["pool_layers"]:
+            g["pool_layers"].append(layer)
+    return [groups[k] for k in sorted(groups)]
 
 
-def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist):
+def pool_lr_scale(cfg: RunConfig, n_unique: int) -> float:
+    """``apollo.update_scale``: the lr multiplier of pool-layer parameters in a stage with
+    ``n_unique`` unique layers. inv_uses: 1/k with k = E[d]/N, the mean number of positions a
+    pool layer runs per micro-batch (exact depth pmf); 1 in the last stage (N = L)."""
+    a, m = cfg.apollo, cfg.model
+    if a.update_scale == "none" or not a.enabled or n_unique >= m.layers:
+        return 1.0
+    return n_unique / expected_depth(a.sampler, m.layers, n_unique)
+
+
+def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist,
+                 groups: list[dict] | None = None):
     """A DeepSpeed engine around ``model`` (PoolGPT or a PipelineModule; ``mpu=None`` for the
-    latter, whose grid is its own mpu) on ``dist.device``."""
+    latter, whose grid is its own mpu) on ``dist.device``; ``groups`` from ``param_groups``
+    (default: by the model's own names, no offsets, no scaling)."""
     import argparse
 
     import deepspeed
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    if groups is None:
+        groups = param_groups(model, t.weight_decay)
     optimizer = None
     if "optimizer" not in ds:
         # The fused (multi-tensor, single-kernel) AdamW on CUDA; the same math on CPU.
@@ -105,17 +143,40 @@ def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist):
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Cosine decay with linear warmup over optimizer steps 1..train.steps; one global
-    schedule for every Apollo stage."""
+    """The learning rate of optimizer step ``step`` (1-based), a pure function of (step, cfg);
+    one global schedule for every Apollo stage, never reset at an expansion.
+
+    Linear warmup over train.warmup steps, then
+      cosine: cosine decay to train.min_lr at train.steps;
+      wsd:    constant train.lr until ``wsd_decay_start``, then linear decay to train.min_lr at
+              train.steps (the decay phase follows the last expansion; config.validate);
+    times, for the train.rewarmup_steps = K steps after each expansion at step e, the linear
+    re-warmup factor (step - e) / K (1/K on the first step of the new stage, 1 from e + K)."""
     t = cfg.train
-    warm = t.warmup if t.warmup >= 1 else round(t.warmup * t.steps)
+    warm = warmup_steps(cfg)
     if warm > 0 and step <= warm:
-        return t.lr * step / warm
-    span = max(1, t.steps - warm)
-    progress = min(1.0, (step - warm) / span)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+        lr = t.lr * step / warm
+    elif t.lr_schedule == "wsd":
+        start = wsd_decay_start(cfg)
+        if step <= start:
+            lr = t.lr
+        else:
+            progress = min(1.0, (step - start) / max(1, t.steps - start))
+            lr = t.lr - (t.lr - t.min_lr) * progress
+    else:
+        span = max(1, t.steps - warm)
+        progress = min(1.0, (step - warm) / span)
+        lr = t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    k = t.rewarmup_steps
+    if k > 0 and cfg.apollo.enabled:
+        for e in stage_end_steps(cfg)[:-1]:
+            if e < step < e + k:
+                lr *= (step - e) / k
+    return lr
 
 
 def set_lr(engine, lr: float) -> None:
+    """Every group's lr: the schedule's value times the group's ``lr_scale`` (pool layers
+    under apollo.update_scale; 1 elsewhere)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

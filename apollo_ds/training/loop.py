@@ -17,13 +17,13 @@ import torch
 from megatron.core import tensor_parallel
 
 from apollo_ds.apollo import StageSchedule
-from apollo_ds.apollo.expand import grow_state
 from apollo_ds.config import RunConfig
 from apollo_ds.data import build_datasets
 from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
 from apollo_ds.training import checkpoint
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
+from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import MetricsLog, print0
 from apollo_ds.training.runtime import make_runtime
 
@@ -56,13 +56,13 @@ class Trainer:
         found = checkpoint.find_latest(self.ckpt_dir)
         self.step, self.consumed, self.flops_spent, self.flops_full = 0, 0, 0.0, 0.0
         self.wall_before = 0.0      # wall seconds spent by earlier (resumed-from) processes
-        n_unique = self.schedule.unique_at(1)
+        n_unique, offsets = self.schedule.unique_at(1), None
         if found is not None:
             tag, state = found
             checkpoint.check_compatible(state, cfg.model, dist.tp, dist.pp,
                                         os.path.join(self.ckpt_dir, tag))
-            n_unique = state["n_unique"]
-        self.runtime.build(n_unique)
+            n_unique, offsets = state["n_unique"], state.get("adam_step_offsets")
+        self.runtime.build(n_unique, step_offsets=offsets)
         if found is not None:
             checkpoint.load(self.engine, self.ckpt_dir, tag)
             self.step, self.consumed = state["step"], state["consumed_samples"]
@@ -100,6 +100,7 @@ class Trainer:
     def _run_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed,
                 "n_unique": self.model.n_unique,
+                "adam_step_offsets": list(self.runtime.step_offsets),
                 "stage": self.schedule.stage_index(max(1, self.step)),
                 "flops_spent": self.flops_spent, "flops_full": self.flops_full,
                 "wall_s": self._wall(),
@@ -184,10 +185,11 @@ class Trainer:
         rt, a = self.runtime, self.cfg.apollo
         n_old = rt.n_unique
         state, step = rt.full_state()
+        grown, offsets = grow(rt, self.cfg, state, n_old, n_new, step,
+                              self.schedule.stage_index(step + 1))
         rt.destroy()
-        grown = grow_state(state, n_old, n_new, a.grow, a.optimizer_state)
         del state
-        rt.build(n_new, grown, step)
+        rt.build(n_new, grown, step, offsets)
         print0(self.dist.rank, f"expanded pool {n_old} -> {n_new} unique layers "
                                f"({a.grow}, optimizer state {a.optimizer_state}) in "
                                f"{time.perf_counter() - t0:.1f}s")

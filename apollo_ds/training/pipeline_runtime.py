@@ -70,7 +70,8 @@ class PipelineRuntime(Runtime):
         check_topology(model)
         # mpu=None: the PipelineModule's own grid (pipe, data, model) is the mpu, as in
         # Megatron-DeepSpeed.
-        engine = build_engine(model, self.ds_config, self.cfg, None, self.dist)
+        engine = build_engine(model, self.ds_config, self.cfg, None, self.dist,
+                              groups=self.param_groups(model))
         # ZeRO-0 fp32 clips with deepspeed.runtime.utils.clip_grad_norm_, which under a
         # pipeline grid counts tied replicas on every owner and drops the non-tensor-parallel
         # parameters of every stage but the first (it tests grid.get_model_parallel_rank() == 0,

@@ -23,7 +23,7 @@ from apollo_ds.apollo import layer_map
 from apollo_ds.data import get_micro_batch
 from apollo_ds.distributed import MegatronMPU, all_reduce
 from apollo_ds.model import PoolGPT, init_weights
-from apollo_ds.training.engine import build_engine, model_dtype
+from apollo_ds.training.engine import build_engine, model_dtype, param_groups, pool_lr_scale
 from apollo_ds.training.state import optimizer_step_count, priming, read_state, write_state
 
 
@@ -37,6 +37,7 @@ class Runtime:
         self.grad_accum = t.global_batch // (t.micro_batch * dist.dp)
         self.model = self.engine = None
         self._pin = dist.on_cuda
+        self.step_offsets: list[int] = []   # per pool layer: its Adam step = step - offset
 
     # ------------------------------------------------------------------ to be provided
     def new_model(self, n_unique: int):
@@ -94,10 +95,23 @@ class Runtime:
         n = t.eval_iters * t.global_batch // t.micro_batch
         return [j * t.micro_batch for j in range(d.dp_rank, n, d.dp)]
 
-    def build(self, n_unique: int, state: dict | None = None, step: int = 0) -> None:
+    def param_groups(self, model) -> list[dict]:
+        """Optimizer groups of ``model``: by canonical name, with the pool layers' Adam step
+        offsets and the stage's apollo.update_scale multiplier (engine.param_groups)."""
+        return param_groups(self.canonical(model), self.cfg.train.weight_decay,
+                            self.step_offsets, pool_lr_scale(self.cfg, model.n_unique))
+
+    def build(self, n_unique: int, state: dict | None = None, step: int = 0,
+              step_offsets: list[int] | None = None) -> None:
         """Model and engine for a pool of ``n_unique`` layers; with ``state`` (canonical name
         -> full fp32 param and moments), the engine starts from it at optimizer step
-        ``step``."""
+        ``step``. ``step_offsets`` (one per pool layer, default 0): pool layer i's Adam step
+        count is step - offsets[i]; a resumed run passes the recorded ones, so it rebuilds the
+        same parameter groups as the checkpoint's."""
+        offsets = list(step_offsets) if step_offsets is not None else [0] * n_unique
+        if len(offsets) != n_unique:
+            raise ValueError(f"{len(offsets)} Adam step offsets for {n_unique} pool layers")
+        self.step_offsets = offsets
         model = self.new_model(n_unique)
         if state is not None:
             with torch.no_grad():  # module weights first: the engine builds masters from them
@@ -117,6 +131,34 @@ class Runtime:
 
     def load_full_state(self, state: dict, step: int) -> None:
         write_state(self.engine, self.named_parameters(), state, step)
+
+    def tp_layout(self) -> dict:
+        """<rest> of each pool tensor -> its tensor-parallel partition dim (None: replicated)."""
+        out = {}
+        for name, p in self.named_parameters():
+            if name.startswith("pool."):
+                tp = getattr(p, "tensor_model_parallel", False) and self.dist.tp > 1
+                out[name.split(".", 2)[2]] = p.partition_dim if tp else None
+        return out
+
+    def full_tensor_std(self, state: dict, names, layout: dict) -> dict:
+        """std of the FULL (TP-unsharded) tensor of every pool name in ``names``: sums over
+        the tensor-parallel shards (collective over the TP group, every rank the same)."""
+        names = sorted(n for n in names if n.startswith("pool."))
+        sums = {n: [state[n]["param"].double().sum(), state[n]["param"].double().pow(2).sum(),
+                    float(state[n]["param"].numel())] for n in names}
+        split = [n for n in names if layout.get(n.split(".", 2)[2]) is not None]
+        if self.dist.tp > 1 and split:
+            from megatron.core import parallel_state
+            red = all_reduce([v for n in split for v in sums[n]],
+                             group=parallel_state.get_tensor_model_parallel_group()).tolist()
+            for j, n in enumerate(split):
+                sums[n] = red[3 * j: 3 * j + 3]
+        out = {}
+        for n in names:
+            s1, s2, c = (float(v) for v in sums[n])
+            out[n] = max(0.0, (s2 - s1 * s1 / c) / max(c - 1.0, 1.0)) ** 0.5
+        return out
 
     def destroy(self) -> None:
         if self.engine is not None:
@@ -140,7 +182,8 @@ class DataParallelRuntime(Runtime):
         return model.named_parameters()
 
     def _make_engine(self, model):
-        return build_engine(model, self.ds_config, self.cfg, MegatronMPU(), self.dist)
+        return build_engine(model, self.ds_config, self.cfg, MegatronMPU(), self.dist,
+                            groups=self.param_groups(model))
 
     def _prime_step(self) -> None:
         n = self.model.n_unique

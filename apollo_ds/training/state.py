@@ -29,11 +29,35 @@ def _uses_hp_mapping(param) -> bool:
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
+def state_slots(engine):
+    """(parameter group, Adam state slot) for every state slot of the engine's optimizer: one
+    per flat partition and group under ZeRO 1-3 and bf16, one per parameter at fp32 ZeRO 0.
+    ZeRO-3 empties its groups' ``params`` between steps and keeps the flat fp32 partitions
+    (``fp32_partitioned_groups_flat``, mapped to groups by ``sub_group_to_group_id``)."""
+    opt, inner = engine.optimizer, inner_optimizer(engine)
+    groups = inner.param_groups
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        pairs = [(groups[opt.sub_group_to_group_id[i]], flat)
+                 for i, flat in enumerate(opt.fp32_partitioned_groups_flat)]
+    else:
+        pairs = [(g, p) for g in groups for p in g["params"]]
+    for g, p in pairs:
+        slot = inner.state.get(p)
+        if slot and "step" in slot:
+            yield g, slot
+
+
 def optimizer_step_count(engine) -> int:
-    for state in inner_optimizer(engine).state.values():
-        if "step" in state:
-            return int(state["step"])
+    """The global optimizer step: a slot's Adam step plus its group's step offset."""
+    for g, slot in state_slots(engine):
+        return int(slot["step"]) + int(g.get("step_offset", 0))
     return 0
+
+
+def group_step_counts(engine) -> list[tuple[list[int], int, int]]:
+    """(pool layers, step offset, Adam step) of every state slot (for tests and logs)."""
+    return [(list(g.get("pool_layers", [])), int(g.get("step_offset", 0)), int(slot["step"]))
+            for g, slot in state_slots(engine)]
 
 
 def relink_optimizer_state(engine) -> None:
@@ -69,7 +93,8 @@ def read_state(engine, named_parameters) -> dict[str, dict[str, torch.Tensor]]:
 
 def write_state(engine, named_parameters, state: dict, step: int) -> None:
     """Write ``state[name]`` (full fp32 masters and moments; a missing moment is zero) into
-    the engine's partitions; Adam's bias correction continues from ``step``."""
+    the engine's partitions; Adam's bias correction continues from ``step`` minus each
+    parameter group's ``step_offset`` (a pool layer's own Adam step count)."""
     opt = engine.optimizer
     for name, p in named_parameters:
         src = state[name]
@@ -86,13 +111,15 @@ def write_state(engine, named_parameters, state: dict, step: int) -> None:
             slot = opt.state[p]
             for key in MOMENTS:
                 slot[key].copy_(values[key].to(slot[key].device))
-    # One counter per flat group (ZeRO) or per parameter (ZeRO 0): all carry the global step.
-    for slot in inner_optimizer(engine).state.values():
-        if "step" in slot:
-            if torch.is_tensor(slot["step"]):
-                slot["step"].fill_(step)
-            else:
-                slot["step"] = step
+    # One counter per flat group (ZeRO) or per parameter (ZeRO 0).
+    for g, slot in state_slots(engine):
+        own = step - int(g.get("step_offset", 0))
+        if own < 0:
+            raise ValueError(f"step offset {g.get('step_offset')} is beyond step {step}")
+        if torch.is_tensor(slot["step"]):
+            slot["step"].fill_(own)
+        else:
+            slot["step"] = own
 
 
 @contextmanager

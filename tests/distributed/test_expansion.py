@@ -1,42 +1,77 @@
 """ZeRO-aware expansion under 2 gloo processes: apollo.md's identity (loss at every depth
 d >= N_new unchanged when N_old divides N_new), masters and Adam moments carried to every new
-layer from its source, and training continuing identically on every rank."""
+layer from its source (or, per apollo.optimizer_state, reset, rescaled or left as the release
+leaves them), per-layer Adam step counts, and training continuing identically on every rank."""
 import json
 
 import pytest
 
 from tests.conftest import torchrun, write_config
 
+# Growth 2 -> 4 after step 3: sources [0, 0, 1, 1]. Which old layer's moments each new layer
+# holds (None: zero moments, a fresh Adam):
+#   copy / copy_scaled: its source's;  reset: the first copy keeps its source's, the second
+#   (layers 1, 3) is fresh;  release: layer i < 2 keeps old layer i's OWN moments (the release
+#   overwrites only h[i]'s weights), layers 2, 3 were never used and are fresh.
+MOMENTS = {"copy": [0, 0, 1, 1], "copy_scaled": [0, 0, 1, 1], "reset": [0, None, 1, None],
+           "release": [0, 1, None, None]}
+
 
 @pytest.mark.parametrize("zero,mode,dtype", [(0, "copy", "fp32"), (1, "copy", "fp32"),
                                              (2, "copy", "fp32"), (3, "copy", "fp32"),
-                                             (1, "reset", "fp32"), (1, "copy", "bf16"),
+                                             (1, "reset", "fp32"), (3, "reset", "fp32"),
+                                             (2, "release", "fp32"), (1, "copy", "bf16"),
                                              (2, "copy", "bf16"), (3, "copy", "bf16")])
 def test_expansion_identity_and_state_transfer(zero, mode, dtype, corpus, tmp_path):
+    r = _run(tmp_path, corpus, zero, dtype, {"optimizer_state": mode})
+    assert (r["n_old"], r["n_new"], r["sources"]) == (2, 4, [0, 0, 1, 1])
+    assert sorted(map(int, r["losses_before"])) == [4, 5, 6, 7, 8]
+    for d, before in r["losses_before"].items():
+        assert r["losses_after"][d] == pytest.approx(before, rel=1e-6, abs=1e-6), d
+    # every new layer's fp32 master equals its source's, exactly
+    assert r["max_diff"]["param"] == 0.0
+    assert [r["moment_source"][str(i)] for i in range(4)] == MOMENTS[mode]
+    if mode == "copy":
+        assert r["max_diff"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+        assert r["nonzero_moments"] == r["n_params_after"]
+    fresh = {i for i, s in enumerate(MOMENTS[mode]) if s is None}
+    if fresh:
+        assert r["n_params_after"] - r["nonzero_moments"] == len(fresh) * 12  # 12 per layer
+    # Adam step counts: fresh layers start their own count at 0, every other group carries
+    # the global step 3 (ZeRO: one counter per flat group, so fresh layers have own groups)
+    for layers, offset, step in r["group_steps_after"]:
+        assert step + offset == 3
+        assert step == (0 if set(layers) & fresh else 3), (layers, offset, step)
+        assert not (set(layers) & fresh) or set(layers) <= fresh
+    # ... so the next step's update of a fresh layer is a fresh AdamW's first update
+    # (bias-corrected at step 1) and its moments started from zero (m^2 (1-b2) = v (1-b1)^2)
+    for i in fresh:
+        assert r["fresh_update_err"][str(i)] < 1e-3, i   # fp32 rounding of p1 - p0
+        assert r["zero_start_err"][str(i)] < 1e-4, i
+    assert r["step_before"] == r["step_after"] == 3
+    losses = r["next_loss_per_rank"]
+    assert losses[0] == losses[1] and losses[0] > 0
+
+
+def test_copy_scaled_divides_moments_by_the_uses(corpus, tmp_path):
+    # constant_high runs depth 8 always: each of 2 old layers runs 4 positions, each of the 4
+    # new ones 2, so k = 4/2 = 2: the copies hold m/2 and v/4.
+    r = _run(tmp_path, corpus, 1, "fp32", {"optimizer_state": "copy_scaled",
+                                           "sampler": "constant_high"})
+    assert [r["moment_source"][str(i)] for i in range(4)] == [-1] * 4   # scaled, not equal
+    for i in range(4):
+        m_ratio, v_ratio = r["moment_ratio"][str(i)]
+        assert m_ratio == pytest.approx(2.0, rel=1e-6) and v_ratio == pytest.approx(4.0, rel=1e-6)
+
+
+def _run(tmp_path, corpus, zero, dtype, apollo):
     cfg = write_config(tmp_path / "run.yaml", corpus,
                        model={"layers": 8},
                        apollo={"enabled": True, "stages": [2, 4, 8], "stage_ends": [3, 5],
-                               "optimizer_state": mode},
+                               **apollo},
                        train={"steps": 8, "out_dir": str(tmp_path / "out"),
                               "deepspeed_config": f"ds_configs/zero{zero}_{dtype}.json"})
     out = tmp_path / "result.json"
     torchrun(2, "tests/distributed/workers/expansion_check.py",
              ["--config", str(cfg), "--out", str(out)])
-    r = json.loads(out.read_text())
-    assert (r["n_old"], r["n_new"], r["sources"]) == (2, 4, [0, 0, 1, 1])
-    assert sorted(map(int, r["losses_before"])) == [4, 5, 6, 7, 8]
-    for d, before in r["losses_before"].items():
-        assert r["losses_after"][d] == pytest.approx(before, rel=1e-6, abs=1e-6), d
-    if mode == "copy":
-        # every new layer's fp32 master and both Adam moments equal its source's, exactly
-        assert r["max_diff"] == {"param": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
-        assert r["nonzero_moments"] == r["n_params_after"]
-    else:
-        # reset: masters still copied; the second copy of each old layer (pool 1 and 3)
-        # starts from zero moments, the first copy keeps its source's
-        assert r["max_diff"]["param"] == 0.0 and r["max_diff"]["exp_avg_sq"] > 0
-        per_layer = r["n_params_after"] - r["nonzero_moments"]
-        assert per_layer == 2 * 12   # 12 tensors per transformer layer, 2 fresh layers
-    assert r["step_before"] == r["step_after"] == 3
-    losses = r["next_loss_per_rank"]
-    assert losses[0] == losses[1] and losses[0] > 0
+    return json.loads(out.read_text())

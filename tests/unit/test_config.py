@@ -51,6 +51,17 @@ BAD = [
     (["parallel.tp=3"], "parallel.tp=3 does not divide model.heads=4"),
     (["train.optimizer=sgd"], "train.optimizer='sgd' is unknown"),
     (["bad-override"], "bad override 'bad-override'"),
+    (["apollo.growth_noise=-0.1"], "apollo.growth_noise=-0.1 must be in [0, 1]"),
+    (["apollo.growth_noise=2"], "apollo.growth_noise=2.0 must be in [0, 1]"),
+    (["apollo.update_scale=sqrt"], "apollo.update_scale='sqrt' is unknown"),
+    (["train.lr_schedule=linear"], "train.lr_schedule='linear' is unknown"),
+    (["train.decay=-1"], "train.decay=-1.0 must be >= 0"),
+    (["train.decay=0.2"], "train.decay=0.2 applies to train.lr_schedule=wsd only"),
+    # stages end at 10, 20, 50 of 200: a decay over the last 80% starts before step 50
+    (["train.lr_schedule=wsd", "train.decay=0.8"], "starts the wsd decay after step 40"),
+    (["train.lr_schedule=wsd", "train.decay=200"], "outside steps 50..199"),
+    (["train.rewarmup_steps=-2"], "train.rewarmup_steps=-2 must be >= 0"),
+    (["train.rewarmup_steps=11"], "train.rewarmup_steps=11 is longer than the shortest stage"),
 ]
 
 
@@ -82,3 +93,21 @@ def test_bad_yaml(tmp_path):
     p.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(str(p))
+
+
+def test_new_levers_accepted():
+    cfg = cfg_of("apollo.optimizer_state=release", "apollo.growth_noise=0.01",
+                 "apollo.update_scale=inv_uses", "train.lr_schedule=wsd", "train.decay=0.5",
+                 "train.rewarmup_steps=10")
+    assert cfg.apollo.optimizer_state == "release" and cfg.train.decay == 0.5
+    for mode in ("copy", "copy_scaled", "reset", "release"):
+        assert cfg_of(f"apollo.optimizer_state={mode}").apollo.optimizer_state == mode
+
+
+@pytest.mark.parametrize("stages", [[6, 12], [3, 12]])
+def test_a_single_later_growth(stages):
+    # growth factor and timing need no new option: one expansion (2x or 4x) at 25% of 200 steps
+    cfg = validate(load_config("configs/tiny_cpu.yaml", BASE + [
+        "model.layers=12", f"apollo.stages={stages}", "apollo.stage_ends=[0.25]"]),
+        check_files=False)
+    assert cfg.apollo.stages == stages and stage_end_steps(cfg) == [50, 200]

@@ -1,6 +1,8 @@
 """Run under torchrun: train to a stage boundary, expand, and record what the test asserts:
 losses on fixed batches at several depths before/after, the gathered fp32 masters and Adam
-moments of every parameter before/after, and the next step's loss on every rank.
+moments of every parameter before/after (and which old layer's moments each new layer holds),
+every optimizer group's Adam step count after the expansion, the next step's loss on every
+rank, and how far the next step's update of the fresh-Adam layers is from a fresh AdamW's.
 
 usage: expansion_check.py --config CFG --out RESULT.json [overrides]"""
 import json
@@ -13,9 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import finish, start  # noqa: E402
 
 from apollo_ds.apollo import layer_map  # noqa: E402
-from apollo_ds.apollo.expand import source_name  # noqa: E402
+from apollo_ds.apollo.expand import pool_index, source_name  # noqa: E402
 from apollo_ds.apollo.layer_maps import expansion_sources  # noqa: E402
 from apollo_ds.training.loop import Trainer  # noqa: E402
+from apollo_ds.training.state import group_step_counts  # noqa: E402
 
 
 @torch.no_grad()
@@ -54,7 +57,41 @@ def main():
         for key in worst:
             worst[key] = max(worst[key], (st[key] - src[key]).abs().max().item())
         nonzero_moments += int(st["exp_avg_sq"].abs().sum().item() > 0)
+    moment_source, moment_ratio = {}, {}
+    for i in range(n_new):
+        names = [n for n in state_after if pool_index(n) == i]
+        if all(state_after[n]["exp_avg_sq"].abs().max().item() == 0 for n in names):
+            moment_source[i] = None
+        else:
+            match = [j for j in range(n_old) if all(torch.equal(
+                state_after[n]["exp_avg_sq"], state_before[f"pool.{j}.{n.split('.', 2)[2]}"]
+                ["exp_avg_sq"]) for n in names)]
+            moment_source[i] = match[0] if match else -1
+        src = [source_name(n, sources) for n in names]
+        moment_ratio[i] = [sum(state_before[s_][k].norm().item() for s_ in src)
+                           / max(sum(state_after[n][k].norm().item() for n in names), 1e-30)
+                           for k in ("exp_avg", "exp_avg_sq")]
+    steps_after = group_step_counts(tr.engine)
     rec = tr.train_step(boundary + 1)
+    state_next, _ = tr.runtime.full_state()
+    # AdamW's first update from zero moments (step 1): p1 = p0 (1 - lr wd) - lr m1/(1-b1) /
+    # (sqrt(v1/(1-b2)) + eps), where m1 = (1-b1) g and v1 = (1-b2) g^2.
+    t = cfg.train
+    fresh_err, zero_start_err = {}, {}
+    for i in range(n_new):
+        errs, zs = [], []
+        for n in (n for n in state_after if pool_index(n) == i):
+            p0, p1 = state_after[n]["param"], state_next[n]["param"]
+            m1, v1 = state_next[n]["exp_avg"], state_next[n]["exp_avg_sq"]
+            wd = t.weight_decay if p0.dim() >= 2 else 0.0
+            lr = rec["lr"]
+            expect = p0 * (1 - lr * wd) - lr * (m1 / (1 - t.beta1)) / (
+                (v1 / (1 - t.beta2)).sqrt() + 1e-8)
+            errs.append(((p1 - expect).abs().max() / (p1 - p0).abs().max().clamp_min(1e-30))
+                        .item())
+            zs.append(((m1 * m1 * (1 - t.beta2) - v1 * (1 - t.beta1) ** 2).abs().max()
+                       / v1.abs().max().clamp_min(1e-30)).item())
+        fresh_err[i], zero_start_err[i] = max(errs), max(zs)
     local = torch.tensor([rec["loss"]], dtype=torch.float64)
     gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.world)]
     torch.distributed.all_gather(gathered, local)
@@ -63,6 +100,9 @@ def main():
             json.dump({"n_old": n_old, "n_new": n_new, "sources": sources,
                        "losses_before": before, "losses_after": after,
                        "max_diff": worst, "step_before": step_before, "step_after": step_after,
+                       "moment_source": moment_source, "moment_ratio": moment_ratio,
+                       "group_steps_after": steps_after, "fresh_update_err": fresh_err,
+                       "zero_start_err": zero_start_err,
                        "n_params_after": len(state_after), "nonzero_moments": nonzero_moments,
                        "next_loss_per_rank": [g.item() for g in gathered]}, f)
     return finish()
