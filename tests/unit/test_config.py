@@ -111,3 +111,16 @@ def test_a_single_later_growth(stages):
         "model.layers=12", f"apollo.stages={stages}", "apollo.stage_ends=[0.25]"]),
         check_files=False)
     assert cfg.apollo.stages == stages and stage_end_steps(cfg) == [50, 200]
+
+
+def test_release_tiny_preset_states_the_release_settings():
+    cfg = validate(load_config("configs/release_tiny.yaml"), check_files=False)
+    m, a, t = cfg.model, cfg.apollo, cfg.train
+    assert (m.layers, m.hidden, m.seq_len, m.vocab_size) == (12, 128, 128, 1024)
+    assert (a.stages, a.stage_ends, a.sampler, a.grow) == (
+        [1, 3, 6, 12], [0.05, 0.10, 0.25], "lvps", "interpolate")
+    assert (a.optimizer_state, a.growth_noise, a.update_scale) == ("release", 0.0, "none")
+    assert (t.steps, t.global_batch, t.lr, t.lr_schedule, t.warmup, t.rewarmup_steps) == (
+        400, 16, 1e-3, "cosine", 0.025, 0)
+    assert (t.beta2, t.weight_decay, t.min_lr) == (0.999, 0.01, 0.0)
+    assert stage_end_steps(cfg) == [20, 40, 100, 400]
