@@ -15,8 +15,9 @@ def losses(out):
     return [r["loss"] for r in recs]
 
 
-def config(tmp_path, corpus, name, zero, dtype="fp32", **train):
-    return write_config(tmp_path / f"{name}.yaml", corpus, apollo=APOLLO,
+def config(tmp_path, corpus, name, zero, dtype="fp32", mode="copy", **train):
+    return write_config(tmp_path / f"{name}.yaml", corpus,
+                        apollo={**APOLLO, "optimizer_state": mode},
                         train={"steps": 20, "out_dir": str(tmp_path / name),
                                "deepspeed_config": f"ds_configs/zero{zero}_{dtype}.json",
                                **train})
@@ -35,22 +36,26 @@ def test_zero_stage_trains_with_apollo(zero, corpus, tmp_path):
     assert "eval_loss" in recs[-1]
 
 
-@pytest.mark.parametrize("zero,stops", [(1, [9, 10]), (2, [10])])
-def test_resume_is_exact_across_expansion(zero, stops, corpus, tmp_path):
-    straight = config(tmp_path, corpus, "straight", zero)
+# reset: the expansion 1 -> 2 after step 9 gives layer 1 a fresh Adam (offset 9, its own
+# param groups); resuming at 12 must rebuild those groups and their step counts
+@pytest.mark.parametrize("zero,stops,mode", [(1, [9, 10], "copy"), (2, [10], "copy"),
+                                             (1, [12], "reset")])
+def test_resume_is_exact_across_expansion(zero, stops, mode, corpus, tmp_path):
+    straight = config(tmp_path, corpus, "straight", zero, mode=mode)
     pretrain(2, straight)
     reference = losses(tmp_path / "straight")
     assert len(reference) == 20
     for k in stops:
         name = f"stop{k}"
-        cfg = config(tmp_path, corpus, name, zero, stop_after=k)
+        cfg = config(tmp_path, corpus, name, zero, mode=mode, stop_after=k)
         pretrain(2, cfg)
         assert len(losses(tmp_path / name)) == k
         state = json.loads((tmp_path / name / "checkpoints" / f"step_{k:07d}" /
                             "run_state.json").read_text())
         assert state["n_unique"] == (1 if k <= 9 else 2)
+        assert state["adam_step_offsets"] == ([0] if k <= 9 else [0, 9 if mode == "reset" else 0])
         # the same command without the stop resumes from the checkpoint at step k
-        cfg = config(tmp_path, corpus, name, zero)
+        cfg = config(tmp_path, corpus, name, zero, mode=mode)
         r = pretrain(2, cfg)
         assert "resumed from" in r.stdout and f"at step {k}" in r.stdout
         assert losses(tmp_path / name) == reference, name   # bit-identical
