@@ -9,8 +9,8 @@ from tests.conftest import assert_weights_close, read_metrics, torchrun, write_c
 APOLLO = {"enabled": True, "stages": [1, 2, 4], "stage_ends": [5, 8]}
 
 
-def run(tmp_path, corpus, name, nproc, tp, micro_batch=2, zero=1, **train):
-    cfg = write_config(tmp_path / f"{name}.yaml", corpus, apollo=APOLLO,
+def run(tmp_path, corpus, name, nproc, tp, micro_batch=2, zero=1, apollo=None, **train):
+    cfg = write_config(tmp_path / f"{name}.yaml", corpus, apollo={**APOLLO, **(apollo or {})},
                        model={"vocab_size": corpus.vocab + 5},   # 517: not divisible by TP
                        parallel={"tp": tp},
                        train={"steps": 12, "micro_batch": micro_batch,
@@ -51,3 +51,15 @@ def test_resume_at_tp2_across_expansion(tp1, corpus, tmp_path):
     resumed = run(tmp_path, corpus, "resume", 2, 2, micro_batch=4)
     assert_same_run(tp1, resumed)
     assert [r["step"] for r in resumed[0]] == list(range(1, 13))
+
+
+def test_growth_levers_agree_at_tp1_and_tp2(corpus, tmp_path):
+    # growth noise is drawn on the full tensor (std of the full tensor) and sliced, so TP=2
+    # grows the same weights as TP=1; reset's own param groups and update_scale under TP too
+    levers = {"growth_noise": 0.05, "optimizer_state": "reset", "update_scale": "inv_uses"}
+    one = run(tmp_path, corpus, "n1", 1, 1, micro_batch=4, apollo=levers)
+    two = run(tmp_path, corpus, "n2", 2, 2, micro_batch=4, apollo=levers)
+    assert_same_run(one, two)
+    plain = run(tmp_path, corpus, "n0", 1, 1, micro_batch=4, apollo={
+        "optimizer_state": "reset", "update_scale": "inv_uses"})
+    assert plain[0][5]["loss"] != one[0][5]["loss"]   # the noise did change the grown model
