@@ -46,6 +46,9 @@ def _launcher_world() -> int | None:
 
 
 def main(argv=None) -> int:
+    # First of all: a stop request during imports, start-up or checkpoint load is honoured.
+    from apollo_ds.training import signals
+    signals.install()
     args = parse_args(argv)
     try:
         overrides = list(args.overrides)

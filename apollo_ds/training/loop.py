@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import asdict
 
@@ -21,7 +20,7 @@ from apollo_ds.config import RunConfig
 from apollo_ds.data import build_datasets
 from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
-from apollo_ds.training import checkpoint
+from apollo_ds.training import checkpoint, signals
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import MetricsLog, print0
@@ -71,10 +70,8 @@ class Trainer:
             print0(dist.rank, f"resumed from {os.path.join(self.ckpt_dir, tag)} at step "
                               f"{self.step} with {n_unique} unique layers")
         self.metrics = MetricsLog(t.out_dir, dist.rank == 0, resume_step=self.step)
-        self._stop_signal = False
         self.t_start = time.perf_counter()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        signals.install()   # pretrain.py installed them at process start; kept for library use
 
     # ---------------------------------------------------------------- building blocks
     @property
@@ -93,9 +90,10 @@ class Trainer:
     def _wall(self) -> float:
         return self.wall_before + time.perf_counter() - self.t_start
 
-    def _on_signal(self, signum, _frame):
+    @property
+    def _stop_signal(self) -> bool:
         # Slurm --signal / preemption: finish this step, checkpoint, exit 0.
-        self._stop_signal = True
+        return signals.requested()
 
     def _run_state(self) -> dict:
         return {"step": self.step, "consumed_samples": self.consumed,
@@ -207,6 +205,12 @@ class Trainer:
         if self.step >= t.steps:
             print0(d.rank, f"nothing to do: already at step {self.step}/{t.steps} "
                            f"({self.ckpt_dir})")
+            self.metrics.close()
+            return last
+        if all_reduce([float(self._stop_signal)], op="max").tolist()[0] > 0:
+            # a stop request during start-up (build, load): nothing new to save
+            print0(d.rank, f"stopping before step {self.step + 1} ({signals.names() or 'signal'}"
+                           f" during start-up); rerun the same command to resume")
             self.metrics.close()
             return last
         while self.step < t.steps:
