@@ -19,11 +19,10 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import asdict
 
 import torch
 
-from apollo_ds.config import ConfigError, ModelConfig
+from apollo_ds.config import ConfigError
 
 RUN_STATE = "run_state.json"
 LATEST = "latest"
@@ -99,16 +98,24 @@ def complete_tags(ckpt_dir: str) -> list[str]:
     return sorted(tags, reverse=True)
 
 
-def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0) -> str:
+def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
+         write_extra=None) -> str:
+    """DeepSpeed's files, then ``write_extra(tag_dir)`` (collective: the layout-free state),
+    then fsync, run_state.json, manifest.json and ``latest``, in that order."""
     tag = tag_for(run_state["step"])
     tag_dir = os.path.join(ckpt_dir, tag)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"apollo_run_state": run_state},
                            save_latest=False)
+    if write_extra is not None:
+        write_extra(tag_dir)
+    _barrier()      # every writer done before anyone lists the files to fsync
     # Each rank flushes what it (and anyone) wrote: on a shared file system fsync must come
     # from the writer, and every rank's own files are among these.
     for rel in _files(tag_dir):
         with open(os.path.join(tag_dir, rel), "rb") as f:
             os.fsync(f.fileno())
+    for root, _dirs, _names in os.walk(tag_dir):   # and the directory entries
+        _fsync_dir(root)
     _barrier()
     if rank == 0:
         _atomic_write(os.path.join(tag_dir, RUN_STATE), json.dumps(run_state, indent=1))
@@ -203,19 +210,6 @@ def find_latest(ckpt_dir: str) -> tuple[str, dict] | None:
     raise ConfigError(f"no valid checkpoint in {ckpt_dir} ({LATEST} names {latest}, and no "
                       f"older checkpoint verifies against its {MANIFEST}); move {ckpt_dir} "
                       f"away to start fresh")
-
-
-def check_compatible(run_state: dict, model_cfg: ModelConfig, tp: int, pp: int, where: str):
-    saved = run_state.get("model", {})
-    mine = asdict(model_cfg)
-    diff = [f"model.{k}: checkpoint {saved[k]} vs run {mine[k]}"
-            for k in mine if k in saved and saved[k] != mine[k]]
-    if run_state.get("tp", tp) != tp or run_state.get("pp", pp) != pp:
-        diff.append(f"parallel.tp/pp: checkpoint {run_state.get('tp')}/{run_state.get('pp')} "
-                    f"vs run {tp}/{pp}")
-    if diff:
-        raise ConfigError(f"checkpoint {where} was written by a different model or layout ("
-                          + "; ".join(diff) + "); use a new train.out_dir or the same settings")
 
 
 def load(engine, ckpt_dir: str, tag: str) -> None:

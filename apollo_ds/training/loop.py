@@ -10,17 +10,16 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
 from megatron.core import tensor_parallel
 
 from apollo_ds.apollo import StageSchedule
-from apollo_ds.config import RunConfig
+from apollo_ds.config import ConfigError, RunConfig
 from apollo_ds.data import build_datasets
 from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
-from apollo_ds.training import checkpoint, signals
+from apollo_ds.training import checkpoint, portable, resume, signals
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import MetricsLog, print0
@@ -56,19 +55,32 @@ class Trainer:
         self.step, self.consumed, self.flops_spent, self.flops_full = 0, 0, 0.0, 0.0
         self.wall_before = 0.0      # wall seconds spent by earlier (resumed-from) processes
         n_unique, offsets = self.schedule.unique_at(1), None
-        if found is not None:
+        self.layout = resume.layout_of(dist, self.zero, self.runtime.dtype)
+        if found is None:
+            self.runtime.build(n_unique)
+        else:
             tag, state = found
-            checkpoint.check_compatible(state, cfg.model, dist.tp, dist.pp,
-                                        os.path.join(self.ckpt_dir, tag))
+            tag_dir = os.path.join(self.ckpt_dir, tag)
+            verdict = resume.check(state, cfg, self.layout, tag_dir)
+            for note in verdict.notes:
+                print0(dist.rank, note)
             n_unique, offsets = state["n_unique"], state.get("adam_step_offsets")
-        self.runtime.build(n_unique, step_offsets=offsets)
-        if found is not None:
-            checkpoint.load(self.engine, self.ckpt_dir, tag)
+            if verdict.same_layout:
+                self.runtime.build(n_unique, step_offsets=offsets)
+                checkpoint.load(self.engine, self.ckpt_dir, tag)
+            else:
+                if not portable.has_portable(tag_dir):
+                    raise ConfigError(f"checkpoint {tag_dir} has no layout-free state "
+                                      f"({portable.PARAMS}/), so it resumes only under the "
+                                      f"layout that wrote it: {state.get('layout')}")
+                st = portable.PortableState(tag_dir, cfg.model, dist.tp, dist.tp_rank)
+                self.runtime.build(n_unique, st, st.optimizer_step, offsets)
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.flops_spent, self.flops_full = state["flops_spent"], state["flops_full"]
             self.wall_before = state.get("wall_s", 0.0)
-            print0(dist.rank, f"resumed from {os.path.join(self.ckpt_dir, tag)} at step "
-                              f"{self.step} with {n_unique} unique layers")
+            print0(dist.rank, f"resumed from {tag_dir} at step {self.step} with {n_unique} "
+                              f"unique layers")
+        self._settings = resume.record(cfg, self.layout)   # hashes files once, not per save
         self.metrics = MetricsLog(t.out_dir, dist.rank == 0, resume_step=self.step)
         self.t_start = time.perf_counter()
         signals.install()   # pretrain.py installed them at process start; kept for library use
@@ -101,10 +113,7 @@ class Trainer:
                 "adam_step_offsets": list(self.runtime.step_offsets),
                 "stage": self.schedule.stage_index(max(1, self.step)),
                 "flops_spent": self.flops_spent, "flops_full": self.flops_full,
-                "wall_s": self._wall(),
-                "tp": self.dist.tp, "pp": self.dist.pp, "dp": self.dist.dp,
-                "model": asdict(self.cfg.model), "apollo": asdict(self.cfg.apollo),
-                "data": {"tokenizer": os.path.abspath(self.cfg.data.tokenizer)}}
+                "wall_s": self._wall(), **self._settings}
 
     def _check_plan(self, step: int, plan) -> None:
         # Each rank also records its own plan, so a test (or a user) can compare them.
@@ -193,8 +202,11 @@ class Trainer:
                                f"{time.perf_counter() - t0:.1f}s")
 
     def save(self) -> None:
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self._run_state(), self.dist.rank,
-                              keep=self.cfg.train.keep_checkpoints)
+        tag = checkpoint.save(
+            self.engine, self.ckpt_dir, self._run_state(), self.dist.rank,
+            keep=self.cfg.train.keep_checkpoints,
+            write_extra=lambda tag_dir: portable.write(self.runtime, tag_dir,
+                                                       self.cfg.model.vocab_size))
         print0(self.dist.rank, f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}")
 
     # ---------------------------------------------------------------- the run

@@ -71,24 +71,28 @@ def relink_optimizer_state(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
+def read_entry(engine, p) -> dict[str, torch.Tensor | None]:
+    """{"param", "exp_avg", "exp_avg_sq"} of one parameter as full (ZeRO-gathered) fp32 CPU
+    tensors; a moment an optimizer has not created yet is None. Collective over the data-
+    parallel group under ZeRO 1-3 / bf16: every rank calls it for the same parameters in the
+    same order. Call ``relink_optimizer_state`` once first."""
+    if _uses_hp_mapping(p):
+        entry = {"param": safe_get_full_fp32_param(p)}
+        for key in MOMENTS:
+            entry[key] = safe_get_full_optimizer_state(p, key)
+    else:  # ZeRO 0, fp32: the module parameter is the master; the state is keyed by it
+        state = engine.optimizer.state.get(p, {})
+        entry = {"param": p.detach()}
+        for key in MOMENTS:
+            entry[key] = state.get(key)
+    return {k: (v.detach().float().cpu().clone() if v is not None else None)
+            for k, v in entry.items()}
+
+
 def read_state(engine, named_parameters) -> dict[str, dict[str, torch.Tensor]]:
     """name -> {"param", "exp_avg", "exp_avg_sq"} as full fp32 CPU tensors (collective)."""
-    opt = engine.optimizer
     relink_optimizer_state(engine)
-    out = {}
-    for name, p in named_parameters:
-        if _uses_hp_mapping(p):
-            entry = {"param": safe_get_full_fp32_param(p)}
-            for key in MOMENTS:
-                entry[key] = safe_get_full_optimizer_state(p, key)
-        else:  # ZeRO 0, fp32: the module parameter is the master; the state is keyed by it
-            state = opt.state.get(p, {})
-            entry = {"param": p.detach()}
-            for key in MOMENTS:
-                entry[key] = state.get(key)
-        out[name] = {k: (v.detach().float().cpu().clone() if v is not None else None)
-                     for k, v in entry.items()}
-    return out
+    return {name: read_entry(engine, p) for name, p in named_parameters}
 
 
 def write_state(engine, named_parameters, state: dict, step: int) -> None:

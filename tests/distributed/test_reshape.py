@@ -1,0 +1,93 @@
+"""Resume under another layout: a checkpoint written mid-Apollo (pool of 2 of 4 layers, Adam
+state after 6 steps) at one (DP, TP, PP, ZeRO) layout resumes at another and reproduces the
+uninterrupted run's losses (rel 1e-5) through the next expansion to the end. The DP-wide
+micro-batch (micro_batch x dp) is kept, so the depth plan and the samples of every micro-step
+are the same; where it changes, the run continues and says so once."""
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import pretrain, read_metrics, write_config
+
+APOLLO = {"enabled": True, "stages": [1, 2, 4], "stage_ends": [4, 8]}   # expands after 4, 8
+STEPS, SAVE_AT = 12, 6
+
+# name -> (processes, tp, pp, micro_batch, deepspeed config); DP = processes / (tp x pp)
+LAYOUTS = {
+    "dp2_z1": (2, 1, 1, 2, "zero1_fp32"),
+    "dp1_z0": (1, 1, 1, 4, "zero0_fp32"),
+    "dp2_z3": (2, 1, 1, 2, "zero3_fp32"),
+    "tp2_z2": (2, 2, 1, 4, "zero2_fp32"),
+    "tp2_z1": (2, 2, 1, 4, "zero1_fp32"),
+    "pp2_z1": (2, 1, 2, 4, "zero1_fp32"),
+    "dp1_z1": (1, 1, 1, 4, "zero1_fp32"),
+}
+
+
+def run(tmp_path, corpus, layout, out, **train):
+    nproc, tp, pp, micro, ds = LAYOUTS[layout]
+    cfg = write_config(tmp_path / f"{out}.yaml", corpus, apollo=APOLLO,
+                       parallel={"tp": tp, "pp": pp},
+                       train={"steps": STEPS, "micro_batch": micro, "save_interval": SAVE_AT,
+                              "out_dir": str(tmp_path / out),
+                              "deepspeed_config": f"ds_configs/{ds}.json", **train})
+    return pretrain(nproc, cfg)
+
+
+def from_checkpoint(tmp_path, src: str, dst: str) -> None:
+    """A run directory holding only ``src``'s checkpoint at SAVE_AT (as if it had stopped
+    there), its metrics up to that step."""
+    tag = f"step_{SAVE_AT:07d}"
+    ck = tmp_path / dst / "checkpoints"
+    shutil.copytree(tmp_path / src / "checkpoints" / tag, ck / tag)
+    (ck / "latest").write_text(tag)
+    recs = [r for r in read_metrics(tmp_path / src) if r["step"] <= SAVE_AT]
+    (tmp_path / dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+@pytest.mark.parametrize("a,b", [("dp2_z1", "dp1_z0"), ("tp2_z2", "dp2_z3"),
+                                 ("pp2_z1", "tp2_z1"), ("dp1_z1", "pp2_z1")])
+def test_resume_under_another_layout_matches_uninterrupted(a, b, corpus, tmp_path):
+    run(tmp_path, corpus, a, "straight")
+    reference = read_metrics(tmp_path / "straight")
+    assert [r["n_unique"] for r in reference] == [1] * 4 + [2] * 4 + [4] * 4
+    from_checkpoint(tmp_path, "straight", "moved")
+    r = run(tmp_path, corpus, b, "moved")
+    assert r.stdout.count("resuming under another layout") == 1, r.stdout
+    assert f"at step {SAVE_AT} with 2 unique layers" in r.stdout
+    assert "data-parallel-wide micro-batch" not in r.stdout
+    moved = read_metrics(tmp_path / "moved")
+    assert [x["step"] for x in moved] == list(range(1, STEPS + 1))   # every step once
+    assert [x["layer_maps"] for x in moved] == [x["layer_maps"] for x in reference]
+    for x, y in zip(moved[SAVE_AT:], reference[SAVE_AT:]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x["step"], a, b)
+    assert moved[-1]["eval_loss"] == pytest.approx(reference[-1]["eval_loss"], rel=1e-5)
+    assert moved[-1]["cum_flops"] == pytest.approx(reference[-1]["cum_flops"], rel=1e-12)
+
+
+def test_another_dp_wide_micro_batch_continues_and_says_so(corpus, tmp_path):
+    run(tmp_path, corpus, "dp2_z1", "straight")
+    from_checkpoint(tmp_path, "straight", "moved")
+    # DP=1 with micro_batch 2: micro-steps of 2 samples instead of 4
+    r = run(tmp_path, corpus, "dp1_z0", "moved", micro_batch=2)
+    assert r.stdout.count("data-parallel-wide micro-batch changed (4 -> 2 samples)") == 1
+    moved = read_metrics(tmp_path / "moved")
+    assert [x["step"] for x in moved] == list(range(1, STEPS + 1))
+    assert all(len(x["layer_maps"]) == 4 for x in moved[SAVE_AT:])
+    assert moved[-1]["loss"] < moved[0]["loss"] - 0.3
+
+
+def test_checkpoint_without_layout_free_state_is_refused_under_another_layout(corpus,
+                                                                              tmp_path):
+    run(tmp_path, corpus, "dp1_z1", "straight", stop_after=SAVE_AT)
+    tag_dir = tmp_path / "straight" / "checkpoints" / f"step_{SAVE_AT:07d}"
+    shutil.rmtree(tag_dir / "params")
+    manifest = json.loads((tag_dir / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items()
+                         if not k.startswith("params/")}
+    (tag_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AssertionError) as e:
+        run(tmp_path, corpus, "tp2_z1", "straight")
+    assert "has no layout-free state (params/)" in str(e.value)
+    assert "exitcode  : 2" in str(e.value)      # pretrain.py's exit code for refused input
