@@ -38,6 +38,32 @@ class ModelConfig:
     init_std: float = 0.02
     layernorm_eps: float = 1e-5
     pad_vocab_to: int = 128         # pad to a multiple of pad_vocab_to * tp
+    # gpt2: LayerNorm, GELU MLP of ffn_mult*h, learned positions, biases, tied head.
+    # llama: RMSNorm, SwiGLU MLP of ffn_hidden, rotary positions, no biases, kv_heads.
+    arch: str = "gpt2"
+    kv_heads: int = 0               # llama grouped-query attention; 0: = heads
+    ffn_hidden: int = 0             # llama MLP width; 0: 8/3 h rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    tie_embeddings: Any = None      # None: true for gpt2, false for llama
+
+
+ARCHS = ("gpt2", "llama")
+
+
+def kv_heads_of(m: "ModelConfig") -> int:
+    return m.kv_heads or m.heads
+
+
+def ffn_width(m: "ModelConfig") -> int:
+    """MLP width: ffn_mult*h for gpt2; ffn_hidden or 8/3 h rounded up to a multiple of 64 for
+    llama (64, not 64 x TP: so the model is the same under every TP up to 64)."""
+    if m.arch != "llama":
+        return m.ffn_mult * m.hidden
+    return m.ffn_hidden or -(-(8 * m.hidden) // (3 * 64)) * 64
+
+
+def tied(m: "ModelConfig") -> bool:
+    return (m.arch == "gpt2") if m.tie_embeddings is None else bool(m.tie_embeddings)
 
 
 @dataclass
@@ -254,10 +280,33 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
          f"model.heads={m.heads} does not divide model.hidden={m.hidden}; pick heads so "
          f"hidden/heads is an integer")
     need(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    need(m.arch in ARCHS, f"model.arch='{m.arch}' is unknown; choose one of {', '.join(ARCHS)}")
+    kv = kv_heads_of(m)
+    need(m.kv_heads >= 0 and m.heads % kv == 0,
+         f"model.kv_heads={m.kv_heads} must divide model.heads={m.heads} (0: as many as heads)")
+    need(m.arch == "llama" or kv == m.heads,
+         f"model.kv_heads={m.kv_heads}: grouped-query attention needs model.arch=llama")
+    need(m.arch == "llama" or m.tie_embeddings in (None, True),
+         "model.tie_embeddings=false needs model.arch=llama (GPT-2 ties its LM head)")
+    need(m.arch != "llama" or (m.hidden // m.heads) % 2 == 0,
+         f"model.arch=llama: the head size hidden/heads={m.hidden // m.heads} must be even "
+         f"(rotary embeddings rotate pairs)")
+    need(m.tie_embeddings in (None, True, False),
+         f"model.tie_embeddings={m.tie_embeddings!r}: expected true or false")
+    need(m.ffn_hidden >= 0 and m.rope_theta > 0,
+         "model.ffn_hidden must be >= 0 and model.rope_theta > 0")
 
     need(p.tp >= 1 and p.pp >= 1, "parallel.tp and parallel.pp must be >= 1")
     need(m.heads % p.tp == 0,
          f"parallel.tp={p.tp} does not divide model.heads={m.heads}; use a tp that divides it")
+    need(kv % p.tp == 0,
+         f"parallel.tp={p.tp} does not divide model.kv_heads={kv}; use a tp that divides it "
+         f"(each TP rank holds whole key/value heads)")
+    need(ffn_width(m) % p.tp == 0,
+         f"parallel.tp={p.tp} does not divide the MLP width {ffn_width(m)} (model.ffn_hidden)")
+    need(m.arch == "gpt2" or p.pp == 1,
+         f"model.arch={m.arch} runs at parallel.pp=1 for now (the pipeline stages are "
+         f"GPT-2's); use tensor and data parallelism")
     need(p.pp <= m.layers,
          f"parallel.pp={p.pp}: more pipeline stages than the final depth model.layers="
          f"{m.layers}; use pp <= {m.layers} (supported: tp dividing model.heads; pp=1 with "

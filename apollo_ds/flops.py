@@ -1,9 +1,11 @@
-"""GPT-2 training FLOPs accounting (matmuls only), for metrics and ``apollo-ds plan``.
+"""Training FLOPs accounting (matmuls only), for metrics and ``apollo-ds plan``.
 
 Counting convention (a multiply-add is 2 FLOPs), per token of a depth-d model, hidden h,
-sequence s, padded vocabulary V, MLP width ffn_mult*h:
-  per layer: QKV 3h^2 + attention output h^2 + MLP 2*ffn_mult*h^2 weights, times 2,
-             plus attention scores QK^T and A.V, 2*(2*s*h) (full s x s, causal mask ignored)
+sequence s, padded vocabulary V, MLP width f, key/value heads kv of head size h/heads:
+  per layer: QKV h*(h + 2*kv*h/heads) + attention output h^2 + MLP weights, times 2, where the
+             MLP is 2*f*h for GPT-2 (f = ffn_mult*h) and 3*f*h for llama's SwiGLU (gate, up,
+             down), plus attention scores QK^T and A.V, 2*(2*s*h) (full s x s, causal mask
+             ignored; grouped-query attention shares K/V but not these products)
   LM head:   2*h*V
 Training = forward + backward (2x forward) = 3x forward. Norms, softmax and the embedding
 lookup are ignored: they are a small fraction, and this is the convention Apollo's and
@@ -35,12 +37,23 @@ def forward_flops_per_token(hidden: int, seq_len: int, vocab: int, depth: int,
     return depth * layer_forward_flops_per_token(hidden, seq_len, ffn_mult) + 2 * hidden * vocab
 
 
+def model_layer_flops_per_token(m) -> int:
+    """Forward FLOPs per token of one transformer layer of ``m`` (a config.ModelConfig)."""
+    if getattr(m, "arch", "gpt2") != "llama":
+        return layer_forward_flops_per_token(m.hidden, m.seq_len, m.ffn_mult)
+    from apollo_ds.config import ffn_width, kv_heads_of
+    h, s = m.hidden, m.seq_len
+    kv_dim = kv_heads_of(m) * (h // m.heads)
+    weights = h * (h + 2 * kv_dim) + h * h + 3 * ffn_width(m) * h
+    return 2 * weights + 2 * 2 * s * h
+
+
 def train_flops(model_cfg, depth: float, tokens: float, tp: int = 1) -> float:
     """Forward + backward FLOPs of ``tokens`` tokens through a depth-``depth`` model built
     from ``model_cfg`` (a config.ModelConfig), on the padded vocabulary. ``depth`` may be an
     expected (fractional) depth: the count is affine in depth."""
     m = model_cfg
     V = padded_vocab(m.vocab_size, m.pad_vocab_to, tp)
-    per_layer = layer_forward_flops_per_token(m.hidden, m.seq_len, m.ffn_mult)
+    per_layer = model_layer_flops_per_token(m)
     head = 2 * m.hidden * V
     return 3.0 * (depth * per_layer + head) * tokens

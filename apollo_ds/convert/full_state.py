@@ -8,6 +8,7 @@ import torch
 from megatron.core import parallel_state
 
 from apollo_ds.distributed import all_gather_tensor
+from apollo_ds.model.gpt import is_vocab_rows
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def full_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             # gathered on the group's device (NCCL refuses CPU tensors), returned on the CPU
             t = torch.cat(all_gather_tensor(t, group=group), dim=p.partition_dim)
-        if name.endswith("word_embeddings.weight"):
+        if is_vocab_rows(name, p):
             t = t[:vocab_size].clone()
         out[name] = t
     return out

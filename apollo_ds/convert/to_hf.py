@@ -1,4 +1,4 @@
-"""Export an apollo_ds checkpoint as a Hugging Face ``GPT2LMHeadModel`` directory.
+"""Export an apollo_ds checkpoint as a Hugging Face ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` directory.
 
     python -m apollo_ds.convert.to_hf --checkpoint runs/demo [--output hf/demo] \\
         [--tokenizer .cache/apollo_ds/data/spm8k.model] [--tag step_0000200] [--dtype float32]
@@ -120,14 +120,36 @@ def resolve_checkpoint(path: str, tag: str | None = None) -> tuple[str, dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise ExportError(f"checkpoint {tag_dir} is incomplete or corrupt: cannot read "
                           f"{RUN_STATE} ({e}); export an older tag") from None
+    _check_manifest(tag_dir)
     for key in ("n_unique", "model", "tp"):
         if key not in state:
             raise ExportError(f"{state_path} has no '{key}': not an apollo_ds checkpoint, or "
                               f"written by an incompatible version")
-    if state.get("pp", 1) != 1:
-        raise ExportError(f"{tag_dir} was written with parallel.pp={state['pp']}; pipeline "
-                          f"parallel checkpoints are not supported by the exporter")
+    if state.get("pp", 1) != 1 and not os.path.isfile(os.path.join(tag_dir, "params",
+                                                                    "index.json")):
+        raise ExportError(f"{tag_dir} was written with parallel.pp={state['pp']} before "
+                          f"checkpoints had a layout-free params/ copy; resume it once and "
+                          f"save (any layout), then export the new checkpoint")
     return os.path.abspath(tag_dir), state
+
+
+def _check_manifest(tag_dir: str) -> None:
+    """Every file the checkpoint's manifest lists is there with its size (checksums are the
+    resume's job: reading them all here would double the export's I/O)."""
+    path = os.path.join(tag_dir, "manifest.json")
+    if not os.path.isfile(path):
+        return      # written before checkpoints had manifests
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"checkpoint {tag_dir} is corrupt: cannot read manifest.json ({e}); "
+                          f"export an older tag") from None
+    for rel, meta in sorted(files.items()):
+        full = os.path.join(tag_dir, rel)
+        if not os.path.isfile(full) or os.path.getsize(full) != meta["size"]:
+            raise ExportError(f"checkpoint {tag_dir} is incomplete: {rel} is missing or "
+                              f"truncated (manifest.json); export an older tag")
 
 
 def _model_state_files(tag_dir: str, tp: int, dp: int) -> tuple[bool, dict[int, list[str]]]:
@@ -276,7 +298,19 @@ def merge_tp(shards: list[dict], vocab_size: int) -> dict:
 
 
 def load_full_state(tag_dir: str, state: dict) -> dict:
-    """Unsharded fp32 apollo_ds parameters (``pool.<j>.*``, vocabulary unpadded)."""
+    """Unsharded fp32 apollo_ds parameters (``pool.<j>.*``, vocabulary unpadded): from the
+    layout-free ``params/`` files (any DP/TP/PP/ZeRO layout), else from DeepSpeed's files."""
+    index = os.path.join(tag_dir, "params", "index.json")
+    if os.path.isfile(index):
+        import torch
+        with open(index) as f:
+            names = json.load(f)["params"]
+        log(f"reading the layout-free state ({len(names)} parameters) from {tag_dir}/params")
+        return {n: torch.load(os.path.join(tag_dir, "params", n + ".pt"), map_location="cpu",
+                              weights_only=True)["param"] for n in names}
+    if (state.get("model") or {}).get("arch", "gpt2") != "gpt2":
+        raise ExportError(f"{tag_dir} has no params/ directory (layout-free state), which the "
+                          f"export of a {state['model']['arch']} model needs")
     tp, dp = int(state["tp"]), int(state.get("dp", 1))
     zero3, files = _model_state_files(tag_dir, tp, dp)
     shards = []
@@ -478,20 +512,33 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, tag: str 
             f"full-depth network, HF layer i = pool layer {rule} ({grow}) = {lmap}")
     else:
         log(f"pool holds all {L} layers: HF layer i = pool layer i")
-    sd = to_gpt2_state(full, model, n_unique, lmap)
-
-    from transformers import GenerationConfig, GPT2LMHeadModel
-    config = gpt2_config(model, tok_ids)
-    config.architectures = ["GPT2LMHeadModel"]
+    from transformers import GenerationConfig
     torch_dtype = getattr(torch, dtype)
-    hf = GPT2LMHeadModel(config)
+    if model.get("arch", "gpt2") == "llama":
+        from transformers import LlamaForCausalLM
+
+        from apollo_ds.config import ModelConfig, tied as is_tied
+        from apollo_ds.convert.hf_llama import llama_config, to_llama_state
+        tied = is_tied(ModelConfig(**{k: v for k, v in model.items()
+                                      if k in ModelConfig.__dataclass_fields__}))
+        sd = to_llama_state(full, model, n_unique, lmap, tied, ExportError)
+        config = llama_config(model, tok_ids, tied)
+        arch, hf = "LlamaForCausalLM", LlamaForCausalLM(config)
+    else:
+        from transformers import GPT2LMHeadModel
+        sd = to_gpt2_state(full, model, n_unique, lmap)
+        config = gpt2_config(model, tok_ids)
+        arch, hf = "GPT2LMHeadModel", GPT2LMHeadModel(config)
+        tied = True
+    config.architectures = [arch]
     missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ExportError(f"internal: GPT-2 state mismatch (missing {missing[:4]}, unexpected "
+        raise ExportError(f"internal: {arch} state mismatch (missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]})")
-    hf.tie_weights()
-    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    if tied:
+        hf.tie_weights()
+        assert hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
     hf = hf.to(torch_dtype).eval()
     os.makedirs(output, exist_ok=True)
     hf.save_pretrained(output, safe_serialization=True)
@@ -502,7 +549,7 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, tag: str 
     n_checked = check_tokenizer(output, tokenizer, _TOKENIZER_SAMPLES + list(sample_texts or []))
     n_params = sum(p.numel() for p in hf.parameters())
     log(f"tokenizer: {n_pieces} pieces, ids identical to SentencePiece on {n_checked} texts")
-    log(f"wrote {output}: GPT2LMHeadModel, {L} layers, hidden {model['hidden']}, "
+    log(f"wrote {output}: {arch}, {L} layers, hidden {model['hidden']}, "
         f"{n_params / 1e6:.2f} M parameters ({dtype}) in {time.perf_counter() - t_start:.1f}s")
     return {"tag_dir": tag_dir, "n_unique": n_unique, "layers": L, "layer_map": lmap,
             "state": state}
@@ -511,7 +558,8 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, tag: str 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m apollo_ds.convert.to_hf",
-        description="Export an apollo_ds checkpoint as a Hugging Face GPT2LMHeadModel directory.")
+        description="Export an apollo_ds checkpoint as a Hugging Face GPT2LMHeadModel or "
+                    "LlamaForCausalLM directory (by the run's model.arch).")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a run's train.out_dir, its checkpoints/ directory, or one tag directory")
     p.add_argument("--output", required=True, metavar="DIR", help="HF model directory to write")

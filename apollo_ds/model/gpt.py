@@ -24,8 +24,9 @@ from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
-from apollo_ds.config import ModelConfig
+from apollo_ds.config import ModelConfig, tied
 from apollo_ds.flops import padded_vocab as padded_vocab_size
+from apollo_ds.model.llama import LlamaBlock
 
 
 def _mp_config(dtype: torch.dtype) -> ModelParallelConfig:
@@ -44,6 +45,17 @@ def _mark_tp(linear: nn.Module, dim: int) -> None:
 
 def _no_init(*_args, **_kwargs):
     return None
+
+
+def mark_vocab_rows(weight: nn.Parameter) -> None:
+    """Tag a parameter whose dim 0 is the padded vocabulary: the init draws only the real rows,
+    checkpoints and exports drop the padding (read by init.py, the layout-free checkpoint and
+    the export instead of a table of names)."""
+    weight.vocab_rows = True
+
+
+def is_vocab_rows(name: str, p) -> bool:
+    return getattr(p, "vocab_rows", False) or name.endswith("word_embeddings.weight")
 
 
 class Block(nn.Module):
@@ -101,13 +113,23 @@ class PoolGPT(nn.Module):
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             self.padded_vocab, cfg.hidden, init_method=_no_init, config=mp)
         _mark_tp(self.word_embeddings, 0)
-        self.position_embeddings = nn.Embedding(cfg.seq_len, cfg.hidden)
-        self.pool = nn.ModuleList(Block(cfg, mp) for _ in range(n_unique))
-        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
-        # Tied LM head: a column-parallel linear that borrows the embedding weight.
+        mark_vocab_rows(self.word_embeddings.weight)
+        llama = cfg.arch == "llama"
+        if not llama:   # llama: rotary positions inside the attention
+            self.position_embeddings = nn.Embedding(cfg.seq_len, cfg.hidden)
+        block = LlamaBlock if llama else Block
+        self.pool = nn.ModuleList(block(cfg, mp) for _ in range(n_unique))
+        self.final_norm = (nn.RMSNorm(cfg.hidden, eps=cfg.layernorm_eps) if llama else
+                           nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps))
+        # LM head: a column-parallel linear over the vocabulary, with its own weight or
+        # borrowing the embedding's (tied).
+        self.tied = tied(cfg)
         self.lm_head = tensor_parallel.ColumnParallelLinear(
             cfg.hidden, self.padded_vocab, config=mp, init_method=_no_init, bias=False,
-            gather_output=False, skip_weight_param_allocation=True)
+            gather_output=False, skip_weight_param_allocation=self.tied)
+        if not self.tied:
+            _mark_tp(self.lm_head, 0)
+            mark_vocab_rows(self.lm_head.weight)
         rank = parallel_state.get_tensor_model_parallel_rank()
         per_rank = self.padded_vocab // tp
         local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
@@ -126,13 +148,15 @@ class PoolGPT(nn.Module):
                 loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (vocab-parallel shard) when ``labels`` is None, else the mean loss over
         ``loss_mask``."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.word_embeddings(tokens) + self.position_embeddings(positions)
+        x = self.word_embeddings(tokens)
+        if hasattr(self, "position_embeddings"):
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            x = x + self.position_embeddings(positions)
         x = F.dropout(x, self.cfg.dropout, self.training)
         for idx in layer_map:
             x = run_layer(self.pool[idx], x, self.recompute and self.training)
         x = self.final_norm(x)
-        logits, _ = self.lm_head(x, weight=self.word_embeddings.weight)
+        logits, _ = self.lm_head(x, weight=self.word_embeddings.weight if self.tied else None)
         if self.has_pad:
             logits = logits.masked_fill(self.pad_mask, float("-inf"))
         if labels is None:

@@ -51,7 +51,7 @@ def init_weights(model: torch.nn.Module, seed: int, std: float, n_layers: int,
             scale = std / math.sqrt(2 * n_layers) if name.endswith(
                 ("proj.weight", "fc2.weight")) else std
             rows = shape
-            if name.endswith("word_embeddings.weight"):
+            if getattr(p, "vocab_rows", False) or name.endswith("word_embeddings.weight"):
                 # Only real vocabulary rows are drawn, so padding (which depends on TP)
                 # changes nothing; padded rows stay zero.
                 rows = (vocab_size,) + tuple(shape[1:])

@@ -23,6 +23,7 @@ import torch
 
 from apollo_ds.distributed import all_gather_tensor
 from apollo_ds.flops import padded_vocab
+from apollo_ds.model.gpt import is_vocab_rows
 from apollo_ds.training.state import optimizer_step_count, read_entry, relink_optimizer_state
 
 PARAMS = "params"
@@ -73,7 +74,7 @@ def write(runtime, tag_dir: str, vocab_size: int) -> None:
                 t = torch.zeros_like(entry["param"])
             if dim is not None and d.tp > 1:  # collective over TP
                 t = torch.cat(all_gather_tensor(t, group=_tp_group()), dim=dim)
-            if name == VOCAB_PARAM:
+            if mine[name]["vocab_rows"]:
                 t = t[:vocab_size]
             entry[key] = t.contiguous()
         if writer and owner[name] == d.pp_rank:
@@ -96,9 +97,10 @@ def _meta(name: str, p, tp: int, vocab_size: int) -> dict:
     shape = list(p.ds_shape if hasattr(p, "ds_shape") else p.shape)   # ZeRO-3: partitioned
     if dim is not None:
         shape[dim] *= tp
-    if name == VOCAB_PARAM:
+    rows = is_vocab_rows(name, p)
+    if rows:
         shape[0] = vocab_size
-    return {"shape": shape, "partition_dim": dim}
+    return {"shape": shape, "partition_dim": dim, "vocab_rows": rows}
 
 
 def has_portable(tag_dir: str) -> bool:
@@ -134,7 +136,7 @@ class PortableState(Mapping):
                            mmap=True, weights_only=True)
         out = {}
         for key, t in entry.items():
-            if name == VOCAB_PARAM and t.shape[0] < self.padded_vocab:
+            if meta.get("vocab_rows", name == VOCAB_PARAM) and t.shape[0] < self.padded_vocab:
                 pad = torch.zeros((self.padded_vocab - t.shape[0],) + tuple(t.shape[1:]),
                                   dtype=t.dtype)
                 t = torch.cat([t, pad])

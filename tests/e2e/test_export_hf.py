@@ -65,7 +65,7 @@ def _pool_model(run_state: dict, full: dict):
     sd = {}
     for name, p in model.named_parameters():
         t = full[name].float()
-        if name == "word_embeddings.weight":     # re-pad: padded rows are masked to -inf
+        if t.shape[0] < p.shape[0]:     # vocabulary rows: re-pad (padded rows are masked)
             t = torch.cat([t, t.new_zeros(p.shape[0] - t.shape[0], t.shape[1])])
         sd[name] = t
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -86,7 +86,8 @@ def _module_weights(tag_dir: Path, run_state: dict) -> dict:
         parts = [m[name].float() for m in mods]
         tp_split = getattr(p, "tensor_model_parallel", False)
         full[name] = torch.cat(parts, p.partition_dim) if tp_split else parts[0]
-    full["word_embeddings.weight"] = full["word_embeddings.weight"][:cfg.vocab_size]
+        if getattr(p, "vocab_rows", False):
+            full[name] = full[name][:cfg.vocab_size]
     return full
 
 
@@ -96,16 +97,18 @@ def _token_batch(tok, seq_len: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def _check_parity(hf_dir: Path, run_state: dict, full: dict) -> float:
+def _check_parity(hf_dir: Path, run_state: dict, full: dict, arch: str = "GPT2LMHeadModel"
+                  ) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from apollo_ds.apollo.layer_maps import layer_map
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert type(hf).__name__ == arch
     m = run_state["model"]
-    assert hf.config.n_layer == m["layers"] and hf.config.vocab_size == m["vocab_size"]
-    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()   # tied
+    assert hf.config.num_hidden_layers == m["layers"] and hf.config.vocab_size == m["vocab_size"]
+    tied = hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    assert tied == (arch == "GPT2LMHeadModel")          # llama: an untied output layer
     ref, cfg = _pool_model(run_state, full)
     tokens = _token_batch(tok, cfg.seq_len)
     assert tokens.shape == (3, cfg.seq_len)
@@ -207,6 +210,7 @@ def test_export_refusals(tp2_run, corpus, tmp_path, capsys):
     state = json.loads((old / "run_state.json").read_text())
     state.pop("data", None)
     (old / "run_state.json").write_text(json.dumps(state))
+    (old / "manifest.json").unlink()                 # older runs wrote no manifest either
     (tmp_path / "old" / "latest").write_text("step_1")
     assert "--tokenizer" in refused(tmp_path / "old")
 

@@ -1,0 +1,60 @@
+"""apollo_ds llama parameters -> Hugging Face ``LlamaForCausalLM`` (state dict and config).
+
+The fused QKV weight is laid out per key/value group, [kv_heads, heads/kv_heads + 2, head_dim,
+hidden] (model/llama.py): the group's query heads, its key head, its value head. HF keeps
+separate q/k/v projections with query head i reading key/value head i // (heads/kv_heads),
+which is the same order, so the split is a view; rotary embeddings use HF's rotate-half
+convention on both sides, so no row permutation is needed."""
+from __future__ import annotations
+
+
+def to_llama_state(full: dict, model: dict, n_unique: int, lmap: list[int], tied: bool,
+                   error) -> dict:
+    from apollo_ds.config import ModelConfig, kv_heads_of
+    m = ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__})
+    h, heads, kv = m.hidden, m.heads, kv_heads_of(m)
+    hd, r = h // heads, heads // kv
+    need = {"word_embeddings.weight", "final_norm.weight"} | (set() if tied else
+                                                               {"lm_head.weight"})
+    missing = sorted(need - full.keys()) + [f"pool.{j}" for j in range(n_unique)
+                                            if f"pool.{j}.qkv.weight" not in full]
+    if missing:
+        raise error(f"checkpoint lacks {', '.join(missing)}")
+    out = {"model.embed_tokens.weight": full["word_embeddings.weight"],
+           "model.norm.weight": full["final_norm.weight"]}
+    if not tied:
+        out["lm_head.weight"] = full["lm_head.weight"]
+    for i, j in enumerate(lmap):
+        p, q = f"pool.{j}.", f"model.layers.{i}."
+        qkv = full[p + "qkv.weight"].view(kv, r + 2, hd, h)
+        pairs = {
+            "input_layernorm.weight": full[p + "input_norm.weight"],
+            "self_attn.q_proj.weight": qkv[:, :r].reshape(heads * hd, h),
+            "self_attn.k_proj.weight": qkv[:, r].reshape(kv * hd, h),
+            "self_attn.v_proj.weight": qkv[:, r + 1].reshape(kv * hd, h),
+            "self_attn.o_proj.weight": full[p + "proj.weight"],
+            "post_attention_layernorm.weight": full[p + "mlp_norm.weight"],
+            "mlp.gate_proj.weight": full[p + "gate.weight"],
+            "mlp.up_proj.weight": full[p + "up.weight"],
+            "mlp.down_proj.weight": full[p + "fc2.weight"],
+        }
+        # .clone(): pool layers shared by several HF layers must become separate tensors
+        out.update({q + k: v.contiguous().clone() for k, v in pairs.items()})
+    return out
+
+
+def llama_config(model: dict, tok_ids: dict, tied: bool):
+    from transformers import LlamaConfig
+
+    from apollo_ds.config import ModelConfig, ffn_width, kv_heads_of
+    m = ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__})
+    return LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden, intermediate_size=ffn_width(m),
+        num_hidden_layers=m.layers, num_attention_heads=m.heads,
+        num_key_value_heads=kv_heads_of(m), head_dim=m.hidden // m.heads, hidden_act="silu",
+        max_position_embeddings=m.seq_len, initializer_range=m.init_std,
+        rms_norm_eps=m.layernorm_eps, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
+        attention_bias=False, mlp_bias=False, attention_dropout=m.dropout,
+        bos_token_id=tok_ids.get("bos"), eos_token_id=tok_ids.get("eos"),
+        pad_token_id=tok_ids.get("pad"))
