@@ -1,63 +1,67 @@
 #!/usr/bin/env python3
-"""Does Apollo reach the from-scratch loss with fewer FLOPs / less wall time? (apollo.md metric)
+"""Does growth reach the from-scratch loss with fewer FLOPs? An ablation that can tell methods apart.
 
-    .venv/bin/python benchmarks/acceleration.py [--quick] [--out DIR] [--lr-sweep]
-        [--data-prefix P --tokenizer T] [--nproc auto|1|2] [--steps N] [--lr LR]
+    .venv/bin/python benchmarks/acceleration.py --methods scratch,grow6_12_const \
+        --seeds 1234,7,99 [--compare steps,flops] [--lr-sweep 5e-4,1e-3,2e-3] [--nproc 1]
 
-Trains, on the same data, model, batch, steps, seed and LR schedule, one after another, each
-as a real ``python -m torch.distributed.run --nproc_per_node N apollo_ds/pretrain.py --config
-<generated yaml>`` subprocess:
-  scratch        apollo.enabled=false (full depth L from step 0)
-  apollo_copy    Apollo: LVPS sampler, interpolation growth, optimizer_state=copy
-  apollo_reset   the same with optimizer_state=reset (fresh Adam moments for every layer)
-  stack          progressive stacking: grow=stack, sampler=constant_low (depth = unique count),
-                 optimizer_state=copy
-Stages 1,3,6,12 unique layers ending at 5%, 10%, 25% of the run (the release's proportions).
+Every run is a real ``python -m torch.distributed.run --nproc_per_node N apollo_ds/pretrain.py
+--config <generated yaml>`` subprocess, one after another, on the same data, model, batch and
+steps. Methods are named sets of config overrides (benchmarks/acceleration_methods.py;
+``--list-methods``), or defined on the command line with ``--define 'NAME: apollo.stages=[4,12]
+apollo.stage_ends=[0.3] train.beta2=0.999'``. Each method is compared with the scratch run of
+its schedule family (scratch: cosine, scratch_wsd: warmup-stable-decay) at the same LR and seed:
+  --compare steps  at scratch's steps: final eval loss, and FLOPs to reach scratch's final
+                   eval loss over scratch's FLOPs to get there;
+  --compare flops  the method lengthened until it spends scratch's FLOPs (steps / expected
+                   FLOPs fraction from the exact depth distributions, apollo_ds.flops
+                   convention; the same stage fractions): final eval loss against scratch's.
+Seeds: --seeds; per method the mean and min..max over seeds, and "no difference" where the
+mean difference is within the seed spread (benchmarks/acceleration_report.py).
 
-Each run writes DIR/runs/<name>/metrics.jsonl (one record per step: step, loss, cum_flops,
-cum_full_depth_flops, wall_s, eval_loss on evaluation steps). From those this script reports,
-per method: final eval loss; FLOPs and wall seconds to first reach scratch's final eval loss
-(first evaluation at or below it, and linearly interpolated between evaluations), or 'not
-reached' with the ratios at its end; ratios to scratch and the saving 1 - method/scratch.
-Writes DIR/acceleration.json, DIR/eval_loss_vs_flops.png, DIR/eval_loss_vs_wall.png.
+--lr-sweep LRS trains scratch (each schedule family the methods need) at those LRs on the
+first seed at full length, and extends the list by factors of 2 while the best is at an edge
+(--sweep-extend times), so the optimum is bracketed; methods then use the family's best LR
+unless --lr is given.
 
---lr-sweep first trains scratch at 2-3 learning rates for --sweep-steps (default steps/3) and
-keeps the one with the best final eval loss; every method then uses it. --nproc auto times a
-few full-depth steps at 1 and 2 processes and uses the faster. The default model (12 layers x
-hidden 128, 1024-token SentencePiece vocabulary trained here on the demo corpus) keeps the LM
-head to a few percent of the FLOPs, so depth-based savings are not capped by it.
+Results accumulate in one JSON store (--results, default benchmarks/results/acceleration.json):
+every finished run (definition, config, eval curve, FLOPs, wall time) and every invocation's
+exact command line, so several invocations (the ablation in pieces) merge, and a run already
+in the store with the identical config is not repeated (--fresh repeats it). After the runs
+the report is printed, and written as a markdown table and loss-vs-FLOPs PNG next to the
+store. --report-only just re-reports; --dry-run lists the runs and their expected cost.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
+import hashlib
 import json
-import math
 import os
+import shlex
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+HERE = os.path.join(REPO, "benchmarks")
+for p in (REPO, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+import acceleration_methods as am  # noqa: E402
+import acceleration_report as ar   # noqa: E402
+
 CORPUS_TXT = ".cache/apollo_ds/data/corpus.txt"
 CACHE = ".cache/apollo_ds/bench"
+RESULTS = os.path.join("benchmarks", "results", "acceleration.json")
 REQUIRED = ("step", "loss", "cum_flops", "cum_full_depth_flops", "wall_s")
-
-METHODS = {
-    "scratch": {"enabled": False},
-    "apollo_copy": {"enabled": True, "sampler": "lvps", "grow": "interpolate",
-                    "optimizer_state": "copy"},
-    "apollo_reset": {"enabled": True, "sampler": "lvps", "grow": "interpolate",
-                     "optimizer_state": "reset"},
-    "stack": {"enabled": True, "sampler": "constant_low", "grow": "stack",
-              "optimizer_state": "copy"},
-}
+FALLBACK_LR = 1e-3
 
 
 # ----------------------------------------------------------------------------- settings
@@ -65,90 +69,100 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: 6 layers x 64, stages 1,2,3,6, 40 steps (a few minutes)")
-    p.add_argument("--out", default="runs/acceleration", help="output directory")
+                   help="smoke test: 6 layers x 64, 40 steps, stages scaled to 6 layers, "
+                        "store in --out (a few minutes per method)")
+    p.add_argument("--out", default="runs/acceleration", help="work directory of the runs")
+    p.add_argument("--results", default=None,
+                   help=f"JSON results store (default {RESULTS}; --quick: OUT/acceleration.json)")
     p.add_argument("--data-prefix", default=None,
                    help="indexed dataset prefix; default: the demo corpus re-tokenized with a "
                         "--vocab-size SentencePiece model (built once into --cache-dir)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model of --data-prefix")
-    p.add_argument("--corpus-text", default=CORPUS_TXT,
-                   help="text to build the default tokenizer and dataset from")
-    p.add_argument("--vocab-size", type=int, default=1024,
-                   help="vocabulary of the tokenizer built when --data-prefix is not given")
+    p.add_argument("--corpus-text", default=CORPUS_TXT)
+    p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--cache-dir", default=CACHE, help="tokenizer, dataset and index cache")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma list from {','.join(METHODS)} (scratch is always run)")
-    p.add_argument("--nproc", default=None, choices=("auto", "1", "2"),
-                   help="processes per run; auto (the default; --quick: 2): time a few "
-                        "full-depth steps at 1 and at 2 processes first and use the faster")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400; --quick 40)")
+    p.add_argument("--methods", default="scratch,apollo_copy,apollo_reset,stack",
+                   help="comma list of method names (--list-methods); the scratch baseline "
+                        "of each method's schedule family is added")
+    p.add_argument("--define", action="append", default=[], metavar="'NAME: sec.key=val ...'",
+                   help="define a method (repeatable); then name it in --methods")
+    p.add_argument("--list-methods", action="store_true")
+    p.add_argument("--seeds", default=None, help="comma list (default 1234)")
+    p.add_argument("--compare", default="steps", help="steps, flops, or steps,flops")
+    p.add_argument("--nproc", default="1", choices=("auto", "1", "2"),
+                   help="processes per run (auto: time both at full depth, use the faster)")
+    p.add_argument("--steps", type=int, default=None, help="default 400; --quick 40")
     p.add_argument("--layers", type=int, default=None, help="full depth L (default 12)")
     p.add_argument("--hidden", type=int, default=None, help="default 128")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--stages", default=None, help="unique-layer counts, default 1,3,6,12")
-    p.add_argument("--stage-ends", default="0.05,0.10,0.25",
-                   help="fractions of the run at which each stage but the last ends")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3, help="LR when there is no --lr-sweep")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"LR of every run (default: the family's swept best in the store, "
+                        f"else {FALLBACK_LR:g})")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="min_lr = ratio * lr")
     p.add_argument("--warmup", type=float, default=0.025, help="warm-up fraction")
-    p.add_argument("--lr-sweep", nargs="?", const="default", default=None, metavar="LRS",
-                   help="scratch LR sweep first (comma list; default 1e-3,2e-3,4e-3, "
-                        "--quick 2e-3,4e-3)")
-    p.add_argument("--sweep-steps", type=int, default=None,
-                   help="steps of each sweep run (default steps/3; = --steps reuses the best "
-                        "sweep run as the scratch run)")
+    p.add_argument("--lr-sweep", default=None, metavar="LRS",
+                   help="comma list of scratch LRs to sweep first (first seed, full length)")
+    p.add_argument("--sweep-extend", type=int, default=2,
+                   help="extra LRs (x2 or /2) tried while the best is at an edge")
     p.add_argument("--eval-interval", type=int, default=None, help="default steps/25")
-    p.add_argument("--eval-iters", type=int, default=None,
-                   help="train.eval_iters: global batches of held-out sequences per evaluation "
-                        "(default 6 = 96 sequences; --quick 2)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--eval-iters", type=int, default=None, help="default 6; --quick 2")
     p.add_argument("--deepspeed-config", default="ds_configs/zero1_fp32.json")
-    p.add_argument("--probe-steps", type=int, default=None,
-                   help="steps per --nproc auto timing run (default 12, --quick 6)")
-    p.add_argument("--reuse", action="store_true",
-                   help="skip runs already complete in DIR with the identical config")
+    p.add_argument("--fresh", action="store_true",
+                   help="rerun runs the store already holds with the identical config")
     p.add_argument("--keep-checkpoints", action="store_true")
-    p.add_argument("--report-only", action="store_true",
-                   help="only (re)analyse the runs already in DIR")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the planned runs only")
     a = p.parse_args(argv)
     q = a.quick
     a.steps = a.steps or (40 if q else 400)
     a.layers = a.layers or (6 if q else 12)
     a.hidden = a.hidden or (64 if q else 128)
-    a.stages = [int(x) for x in (a.stages or ("1,2,3,6" if q else "1,3,6,12")).split(",")]
-    a.stage_ends = [float(x) for x in a.stage_ends.split(",")]
     a.eval_interval = a.eval_interval or max(1, a.steps // (8 if q else 25))
     a.eval_iters = a.eval_iters or (2 if q else 6)
-    a.probe_steps = a.probe_steps or (6 if q else 12)
-    a.nproc = a.nproc or ("2" if q else "auto")
-    if a.lr_sweep == "default":
-        a.lr_sweep = "2e-3,4e-3" if q else "1e-3,2e-3,4e-3"
-    a.sweep_lrs = [float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else []
-    a.sweep_steps = a.sweep_steps or max(1, a.steps // 3)
-    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    for m in a.methods:
-        if m not in METHODS:
-            p.error(f"unknown method '{m}'; choose from {', '.join(METHODS)}")
-    if "scratch" not in a.methods:
-        a.methods.insert(0, "scratch")
-    if a.stages[-1] != a.layers:
-        p.error(f"--stages {a.stages} must end at --layers {a.layers}")
+    a.results = a.results or (os.path.join(a.out, "acceleration.json") if q else RESULTS)
+    a.seed_list = [int(s) for s in (a.seeds or "1234").split(",")]
+    a.modes = [m.strip() for m in a.compare.split(",") if m.strip()]
+    for m in a.modes:
+        if m not in ("steps", "flops"):
+            p.error(f"--compare {a.compare}: '{m}' is not steps or flops")
+    try:
+        # run in the order given (the likeliest optimum first), judged sorted
+        a.sweep_lrs = [float(x) for x in a.lr_sweep.split(",")] if a.lr_sweep else []
+    except ValueError:
+        p.error(f"--lr-sweep {a.lr_sweep}: expected a comma list of numbers")
+    a.extra = {}
+    for text in a.define:
+        try:
+            name, m = am.parse_define(text)
+        except ValueError as e:
+            p.error(str(e))
+        a.extra[name] = m
+    a.method_list = []
+    for name in (x.strip() for x in a.methods.split(",") if x.strip()):
+        try:
+            m = am.get(name, a.extra)
+        except KeyError:
+            p.error(f"--methods: unknown method '{name}'; choose from "
+                    f"{', '.join({**am.METHODS, **a.extra})} or --define it")
+        for b in (am.baseline_for(m), name):
+            if b not in a.method_list:
+                a.method_list.append(b)
     if (a.data_prefix is None) != (a.tokenizer is None):
         p.error("give both --data-prefix and --tokenizer, or neither")
     return a
+
+
+def log(msg: str) -> None:
+    print(f"[acceleration {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def log(msg: str) -> None:
-    print(f"[acceleration {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -175,31 +189,72 @@ def prepare_data(a) -> tuple[str, str, int]:
     return prefix, tok, load_tokenizer(tok).vocab_size
 
 
-# ----------------------------------------------------------------------------- runs
-def run_config(a, data, method: str, lr: float, steps: int, out_dir: str,
-               eval_interval: int | None = None) -> dict:
+# ----------------------------------------------------------------------------- configs
+def scaled_apollo(a, ap: dict, name: str) -> dict:
+    """Methods are written for 12 layers; at another --layers scale the stage counts."""
+    ap = copy.deepcopy(ap)
+    if ap.get("enabled") and ap["stages"][-1] != a.layers:
+        st = [max(1, int(s * a.layers / ap["stages"][-1] + 0.5)) for s in ap["stages"]]
+        if any(x >= y for x, y in zip(st, st[1:])):
+            raise SystemExit(f"acceleration.py: method {name}: stages {ap['stages']} do not "
+                             f"scale to --layers {a.layers} ({st}); --define one for it")
+        ap["stages"] = st
+    return ap
+
+
+def run_config(a, data, name: str, method: dict, lr: float, seed: int, steps: int,
+               out_dir: str) -> dict:
     prefix, tok, vocab = data
-    ap = dict(METHODS[method])
-    if ap["enabled"]:
-        ap["stages"] = list(a.stages)
-        ap["stage_ends"] = list(a.stage_ends)
-    return {
-        "model": {"layers": a.layers, "hidden": a.hidden, "heads": a.heads,
-                  "seq_len": a.seq_len, "vocab_size": vocab},
-        "apollo": ap,
-        "parallel": {"tp": 1, "pp": 1},
-        "data": {"prefix": prefix, "tokenizer": tok, "split": "98,2,0",
-                 "cache_dir": os.path.join(a.cache_dir, "index_cache")},
-        "train": {"steps": steps, "micro_batch": a.micro_batch,
-                  "global_batch": a.global_batch, "lr": lr, "min_lr": lr * a.min_lr_ratio,
-                  "warmup": a.warmup, "weight_decay": 0.01, "grad_clip": 1.0,
-                  "optimizer": "adamw", "seed": a.seed, "out_dir": out_dir,
-                  "save_interval": 0, "eval_interval": eval_interval or a.eval_interval,
-                  "eval_iters": a.eval_iters, "log_interval": max(1, steps // 10),
-                  "deepspeed_config": a.deepspeed_config},
-    }
+    train = {"steps": steps, "micro_batch": a.micro_batch, "global_batch": a.global_batch,
+             "lr": lr, "min_lr": lr * a.min_lr_ratio, "warmup": a.warmup,
+             "weight_decay": 0.01, "grad_clip": 1.0, "optimizer": "adamw", "seed": seed,
+             "out_dir": out_dir, "save_interval": 0,
+             "eval_interval": max(1, round(a.eval_interval * steps / a.steps)),
+             "eval_iters": a.eval_iters, "log_interval": max(1, steps // 10),
+             "deepspeed_config": a.deepspeed_config}
+    train.update(method.get("train", {}))
+    model = {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "seq_len": a.seq_len,
+             "vocab_size": vocab, **method.get("model", {})}
+    return {"model": model, "apollo": scaled_apollo(a, method["apollo"], name),
+            "parallel": {"tp": 1, "pp": 1},
+            "data": {"prefix": prefix, "tokenizer": tok, "split": "98,2,0",
+                     "cache_dir": os.path.join(a.cache_dir, "index_cache")},
+            "train": train}
 
 
+def comparable(cfg: dict) -> dict:
+    """A run's config without where it and its data live (identity for reuse; the data's
+    content is the store's benchmark.data fingerprint)."""
+    c = copy.deepcopy(cfg)
+    c["train"].pop("out_dir", None)
+    for k in ("prefix", "tokenizer", "cache_dir"):
+        c["data"].pop(k, None)
+    return c
+
+
+def data_fingerprint(prefix: str) -> dict:
+    """Name, sizes and the .idx's sha256 (document boundaries and token counts) of a dataset."""
+    with open(prefix + ".idx", "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"name": os.path.basename(prefix), "idx_sha256": digest,
+            "bin_bytes": os.path.getsize(prefix + ".bin")}
+
+
+def check_config(cfg: dict, nproc: int, name: str) -> None:
+    """Refuse a bad method before any run starts, with the config loader's own message."""
+    from apollo_ds.config import ConfigError, load_config, validate
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    try:
+        validate(load_config(f.name), world_size=nproc, check_files=False)
+    except ConfigError as e:
+        print(f"acceleration.py: method {name}: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        os.unlink(f.name)
+
+
+# ----------------------------------------------------------------------------- runs
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     recs = {}
@@ -220,23 +275,21 @@ def read_metrics(run_dir: str) -> list[dict]:
     return out
 
 
-def is_complete(run_dir: str, cfg: dict) -> bool:
+def dir_complete(run_dir: str, cfg: dict) -> bool:
     try:
         with open(os.path.join(run_dir, "bench_config.yaml")) as f:
-            if yaml.safe_load(f) != cfg:
+            if comparable(yaml.safe_load(f)) != comparable(cfg):
                 return False
         recs = read_metrics(run_dir)
     except (OSError, SystemExit):
         return False
-    return bool(recs) and recs[-1]["step"] == cfg["train"]["steps"] \
-        and "eval_loss" in recs[-1]
+    return bool(recs) and recs[-1]["step"] == cfg["train"]["steps"] and "eval_loss" in recs[-1]
 
 
-def train(a, name: str, cfg: dict, nproc: int, reuse: bool | None = None) -> list[dict]:
+def train(a, label: str, cfg: dict, nproc: int) -> list[dict]:
     run_dir = cfg["train"]["out_dir"]
-    reuse = a.reuse if reuse is None else reuse
-    if reuse and is_complete(run_dir, cfg):
-        log(f"{name}: reusing the complete run in {run_dir}")
+    if not a.fresh and dir_complete(run_dir, cfg):
+        log(f"{label}: adopting the complete run in {run_dir}")
         return read_metrics(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)   # pretrain.py would resume from a checkpoint
     os.makedirs(run_dir)
@@ -248,267 +301,232 @@ def train(a, name: str, cfg: dict, nproc: int, reuse: bool | None = None) -> lis
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                PYTHONWARNINGS="ignore")
-    log(f"{name}: {' '.join(cmd)}  (OMP_NUM_THREADS={threads}, log {run_dir}/train.log)")
+    log(f"{label}: {' '.join(cmd)}  (OMP_NUM_THREADS={threads}, log {run_dir}/train.log)")
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "w") as logf:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             logf.write(line)
-            if line.startswith(("step", "expanded", "done", "error")) and (
-                    "eval" in line or not line.startswith("step")):
-                print(f"  {name}: {line.rstrip()}", flush=True)
+            if line.startswith(("expanded", "done", "error")) or (
+                    line.startswith("step") and "eval" in line):
+                print(f"  {label}: {line.rstrip()}", flush=True)
         rc = proc.wait()
     if rc != 0:
         with open(os.path.join(run_dir, "train.log")) as f:
             tail = f.read()[-4000:]
-        raise SystemExit(f"acceleration.py: run {name} failed ({rc}); log tail:\n{tail}")
+        raise SystemExit(f"acceleration.py: run {label} failed ({rc}); log tail:\n{tail}")
     recs = read_metrics(run_dir)
-    log(f"{name}: done in {time.time() - t0:.0f} s (process), final eval loss "
+    log(f"{label}: done in {time.time() - t0:.0f} s, final eval loss "
         f"{recs[-1].get('eval_loss', float('nan')):.4f}")
     if not a.keep_checkpoints:
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     return recs
 
 
-def pick_nproc(a, data) -> tuple[int, dict]:
+def pick_nproc(a, data) -> int:
     if a.nproc != "auto":
-        return int(a.nproc), {"chosen": int(a.nproc), "how": "given"}
+        return int(a.nproc)
     if (os.cpu_count() or 1) < 2:
-        return 1, {"chosen": 1, "how": "one core"}
+        return 1
     times = {}
-    # 2 first, then 1: the first launch also builds the index cache, a fixed cost not timed
-    for n in (2, 1):
-        cfg = run_config(a, data, "scratch", a.lr, a.probe_steps,
-                         os.path.join(a.out, "probe", f"nproc{n}"), eval_interval=10**9)
-        recs = train(a, f"probe nproc={n}", cfg, n, reuse=False)
-        skip = min(2, len(recs) - 1)    # the first steps include lazy initialisation
-        times[n] = statistics.median(r["step_time_s"] for r in recs[skip:])
+    for n in (2, 1):   # 2 first: the first launch also builds the index cache (untimed)
+        cfg = run_config(a, data, "scratch", am.get("scratch"), FALLBACK_LR, a.seed_list[0],
+                         12, os.path.join(a.out, "probe", f"nproc{n}"))
+        cfg["train"]["eval_interval"] = 10**9
+        recs = train(argparse.Namespace(**{**vars(a), "fresh": True}), f"probe nproc={n}",
+                     cfg, n)
+        times[n] = statistics.median(r["step_time_s"] for r in recs[2:])
     chosen = min(times, key=times.get)
-    log("nproc probe: median full-depth step time " + ", ".join(
-        f"{n} process(es) {t:.3f} s" for n, t in sorted(times.items())) + f" -> {chosen}")
-    return chosen, {"chosen": chosen, "how": "probe", "median_step_s": times}
+    log(f"nproc probe: median step {times} -> {chosen}")
+    return chosen
 
 
-def expected_cost(a, method: str, vocab: int) -> float:
-    """Expected FLOPs of a method's run as a fraction of scratch's (from the exact depth
-    distributions), for the time estimate."""
-    from apollo_ds import flops
-    from apollo_ds.apollo import expected_depth
-    from apollo_ds.config import ModelConfig
-    ap = METHODS[method]
-    per_layer = flops.layer_forward_flops_per_token(a.hidden, a.seq_len)
-    head = 2 * a.hidden * flops.padded_vocab(vocab, ModelConfig().pad_vocab_to)
-    if not ap["enabled"]:
-        return 1.0
-    bounds = [0.0] + list(a.stage_ends) + [1.0]
-    cost = 0.0
-    for n, lo, hi in zip(a.stages, bounds, bounds[1:]):
-        d = expected_depth(ap["sampler"], a.layers, n)
-        cost += (hi - lo) * (d * per_layer + head)
-    return cost / (a.layers * per_layer + head)
+# ----------------------------------------------------------------------------- store
+def bench_settings(a, data) -> dict:
+    return {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "seq_len": a.seq_len,
+            "vocab": data[2], "data": data_fingerprint(data[0]), "steps": a.steps,
+            "micro_batch": a.micro_batch, "global_batch": a.global_batch, "warmup": a.warmup,
+            "min_lr_ratio": a.min_lr_ratio, "eval_interval": a.eval_interval,
+            "eval_iters": a.eval_iters, "deepspeed_config": a.deepspeed_config}
 
 
-def estimate(a, step_s: float, vocab: int, sweep: bool) -> str:
-    eval_steps = a.eval_iters / 3          # eval_iters global batches, forward only
-    full = a.steps * (1 + eval_steps / a.eval_interval)
-    units = sum(expected_cost(a, m, vocab) for m in a.methods) * full
-    launches = len(a.methods)
-    if sweep:
-        units += len(a.sweep_lrs) * a.sweep_steps * (1 + 4 * eval_steps / a.sweep_steps)
-        launches += len(a.sweep_lrs)
-    return (f"~{units * step_s / 60:.0f} min of training ({units:.0f} full-depth step "
-            f"equivalents x {step_s:.2f} s) + ~{launches} x 30-60 s of process start-up")
+def load_store(a, data) -> dict:
+    bench = bench_settings(a, data)
+    if os.path.isfile(a.results):
+        with open(a.results) as f:
+            store = json.load(f)
+        if store["benchmark"] != bench:
+            diff = {k: (store["benchmark"].get(k), v) for k, v in bench.items()
+                    if store["benchmark"].get(k) != v}
+            print(f"acceleration.py: {a.results} holds another benchmark setting (stored, "
+                  f"now): {diff}; use --results NEW.json for it", file=sys.stderr)
+            raise SystemExit(2)
+        return store
+    return {"benchmark": bench, "commands": [], "sweeps": {}, "runs": {}}
 
 
-# ----------------------------------------------------------------------------- analysis
-def eval_points(recs: list[dict]) -> list[dict]:
-    out, train_s = [], 0.0
-    for r in recs:
-        train_s += r.get("step_time_s", 0.0)
-        if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"]):
-            out.append({"step": r["step"], "eval_loss": r["eval_loss"],
-                        "flops": r["cum_flops"], "wall_s": r["wall_s"], "train_s": train_s})
-    return out
+def save_store(a, store: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
+    an = ar.analyse_store(store)
+    store["analysis"] = an
+    tmp = a.results + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(store, f, indent=1)
+    os.replace(tmp, a.results)
 
 
-def first_reach(points: list[dict], target: float) -> dict | None:
-    """First evaluation at or below target; also FLOPs / seconds linearly interpolated
-    between it and the evaluation before (loss assumed linear in between)."""
-    for i, p in enumerate(points):
-        if p["eval_loss"] <= target:
-            res = {"step": p["step"], "flops": p["flops"], "wall_s": p["wall_s"],
-                   "train_s": p["train_s"]}
-            if i > 0:
-                q = points[i - 1]
-                f = (q["eval_loss"] - target) / (q["eval_loss"] - p["eval_loss"])
-                for k in ("flops", "wall_s", "train_s"):
-                    res[k + "_interp"] = q[k] + f * (p[k] - q[k])
-            else:
-                for k in ("flops", "wall_s", "train_s"):
-                    res[k + "_interp"] = p[k]
-            return res
-    return None
+def record(store: dict, key: str, name: str, method: dict, cfg: dict, mode: str,
+           recs: list[dict], cmd_index: int) -> dict:
+    pts = ar.eval_points(recs)
+    entry = {"method": name, "definition": method, "lr": cfg["train"]["lr"],
+             "seed": cfg["train"]["seed"], "steps": cfg["train"]["steps"], "mode": mode,
+             "family": am.family(method), "config": comparable(cfg),
+             "final_eval_loss": pts[-1]["eval_loss"], "total_flops": recs[-1]["cum_flops"],
+             "total_wall_s": recs[-1]["wall_s"],
+             "total_train_s": sum(r.get("step_time_s", 0.0) for r in recs),
+             "command": cmd_index,
+             "curve": [{k: (round(v, 5) if k == "eval_loss" else v) for k, v in p.items()}
+                       for p in pts]}
+    store["runs"][key] = entry
+    return entry
 
 
-def analyse(runs: dict[str, list[dict]]) -> dict:
-    pts = {m: eval_points(r) for m, r in runs.items()}
-    target = pts["scratch"][-1]["eval_loss"]
-    ref = first_reach(pts["scratch"], target)
-    ends = {m: runs[m][-1] for m in runs}
-    out = {"target_eval_loss": target, "methods": {}}
-    for m in runs:
-        end = ends[m]
-        train_s = sum(r.get("step_time_s", 0.0) for r in runs[m])
-        res = {"final_eval_loss": pts[m][-1]["eval_loss"], "steps": end["step"],
-               "total_flops": end["cum_flops"], "total_full_depth_flops":
-               end["cum_full_depth_flops"], "total_wall_s": end["wall_s"],
-               "total_train_s": train_s,
-               "total_flops_ratio": end["cum_flops"] / ends["scratch"]["cum_flops"],
-               "total_wall_ratio": end["wall_s"] / ends["scratch"]["wall_s"],
-               "final_loss_gap": pts[m][-1]["eval_loss"] - target}
-        hit = first_reach(pts[m], target)
-        res["reached"] = hit is not None
-        if hit:
-            res["reach"] = hit
-            for k in ("flops", "wall_s", "train_s"):
-                for suf in ("", "_interp"):
-                    ratio = hit[k + suf] / ref[k + suf]
-                    res[f"{k}{suf}_ratio"] = ratio
-                    res[f"{k}{suf}_saving"] = 1.0 - ratio
-        out["methods"][m] = res
-    return out
+# ----------------------------------------------------------------------------- plan
+class Bench:
+    def __init__(self, a, data, store, nproc, cmd_index):
+        self.a, self.data, self.store, self.nproc, self.cmd = a, data, store, nproc, cmd_index
+        self.planned: dict[str, float] = {}     # --dry-run: run key -> expected cost
 
+    def steps_for(self, method: dict, mode: str) -> int:
+        if mode == "steps" or not method["apollo"].get("enabled"):
+            return self.a.steps
+        ap = scaled_apollo(self.a, method["apollo"], "?")
+        cost = am.expected_cost({"apollo": ap}, self.a.layers, self.a.hidden, self.a.seq_len,
+                                self.data[2])
+        return int(round(self.a.steps / cost))
 
-def print_summary(an: dict, lr: float, nproc: int) -> None:
-    print()
-    print(f"target: scratch's final eval loss {an['target_eval_loss']:.4f} (lr {lr:g}, "
-          f"{nproc} process(es) per run)")
-    hdr = (f"{'method':<13} {'final eval':>10} {'FLOPs to target':>16} {'saving':>7} "
-           f"{'wall to target':>15} {'saving':>7} {'total FLOPs':>12} {'total wall':>11}")
-    print(hdr)
-    print("-" * len(hdr))
-    for m, r in an["methods"].items():
-        tf = f"{r['total_flops']:.3e}x{r['total_flops_ratio']:.2f}"
-        tw = f"{r['total_wall_s']:.0f}s x{r['total_wall_ratio']:.2f}"
-        if r["reached"]:
-            h = r["reach"]
-            fl = f"{h['flops_interp']:.3e}x{r['flops_interp_ratio']:.2f}"
-            wl = f"{h['wall_s_interp']:.0f}s x{r['wall_s_interp_ratio']:.2f}"
-            print(f"{m:<13} {r['final_eval_loss']:>10.4f} {fl:>16} "
-                  f"{100 * r['flops_interp_saving']:>6.1f}% {wl:>15} "
-                  f"{100 * r['wall_s_interp_saving']:>6.1f}% {tf:>12} {tw:>11}")
-        else:
-            print(f"{m:<13} {r['final_eval_loss']:>10.4f} {'not reached':>16} {'-':>7} "
-                  f"{'not reached':>15} {'-':>7} {tf:>12} {tw:>11}  "
-                  f"(+{r['final_loss_gap']:.4f} at end)")
-    print("FLOPs / wall to target: interpolated between evaluations; xR = ratio to scratch; "
-          "saving = 1 - ratio. Not reached: the ratios are at the method's end, with its gap.")
+    def lr_for(self, method: dict) -> float:
+        if self.a.lr is not None:
+            return self.a.lr
+        sw = self.store["sweeps"].get(am.family(method))
+        return sw["best"] if sw else FALLBACK_LR
 
+    def run(self, name: str, lr: float, seed: int, mode: str, dry: bool = False) -> dict | None:
+        method = am.get(name, self.a.extra)
+        steps = self.steps_for(method, mode)
+        key = ar.run_key(name, lr, seed, steps)
+        cfg = run_config(self.a, self.data, name, method, lr, seed, steps,
+                         os.path.join(self.a.out, "runs", key))
+        check_config(cfg, self.nproc, name)
+        have = self.store["runs"].get(key)
+        if have and have["config"] == comparable(cfg) and not self.a.fresh:
+            if not dry:
+                log(f"{key}: in the store (final eval loss {have['final_eval_loss']:.4f})")
+            return have
+        if dry:
+            cost = am.expected_cost(method, self.a.layers, self.a.hidden, self.a.seq_len,
+                                    self.data[2]) * steps / self.a.steps
+            if key not in self.planned:
+                log(f"would run {key} ({mode}; ~{cost:.2f} scratch-run equivalents)")
+            self.planned[key] = cost
+            return {"final_eval_loss": float("nan")}
+        recs = train(self.a, key, cfg, self.nproc)
+        entry = record(self.store, key, name, method, cfg, mode, recs, self.cmd)
+        self.store["commands"][self.cmd]["runs"].append(key)
+        save_store(self.a, self.store)
+        return entry
 
-def plot(runs: dict[str, list[dict]], target: float, out: str) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed (.venv/bin/pip install matplotlib): no PNGs")
-        return []
-    files = []
-    for key, label, fname, scale in (("flops", "training FLOPs", "eval_loss_vs_flops.png", 1.0),
-                                     ("wall_s", "wall time (s)", "eval_loss_vs_wall.png", 1.0)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for m, recs in runs.items():
-            pts = eval_points(recs)
-            ax.plot([p[key] * scale for p in pts], [p["eval_loss"] for p in pts],
-                    marker="o", markersize=3, label=m)
-        ax.axhline(target, color="gray", linestyle="--", linewidth=1,
-                   label=f"scratch final {target:.3f}")
-        lo = min(p["eval_loss"] for r in runs.values() for p in eval_points(r))
-        ax.set_ylim(lo - 0.05, target + 1.0)
-        ax.set_xlabel(label)
-        ax.set_ylabel("eval loss (full depth)")
-        ax.set_title(f"eval loss vs {label}; dashed: scratch's final eval loss", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out, fname)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path)
-    return files
+    def sweep(self, fam_method: str, dry: bool) -> None:
+        a, seed = self.a, self.a.seed_list[0]
+        fam = am.family(am.get(fam_method, a.extra))
+        prev = self.store["sweeps"].get(fam)
+        # an earlier invocation's sweep (same seed and length) counts: sweeps merge
+        results = dict(prev["results"]) if prev and (prev["seed"], prev["steps"]) == (
+            seed, a.steps) else {}
+        order = list(a.sweep_lrs) + [float(k) for k in results
+                                     if float(k) not in a.sweep_lrs]
+        extended = 0
+        while True:
+            for lr in order:
+                if f"{lr:g}" not in results:
+                    e = self.run(fam_method, lr, seed, "steps", dry)
+                    results[f"{lr:g}"] = e.get("final_eval_loss", float("nan"))
+            if dry:
+                return
+            lrs = sorted(order)
+            best = min(lrs, key=lambda x: results[f"{x:g}"])
+            edge = best in (lrs[0], lrs[-1]) and len(lrs) > 1
+            if not edge or extended >= a.sweep_extend:
+                break
+            new = best / 2 if best == lrs[0] else best * 2
+            order, extended = order + [new], extended + 1
+            log(f"sweep {fam}: best lr {best:g} is at an edge; adding {new:g}")
+        merged = results
+        all_lrs = sorted(float(k) for k in merged)
+        best = min(all_lrs, key=lambda x: merged[f"{x:g}"])
+        self.store["sweeps"][fam] = {"seed": seed, "steps": a.steps, "method": fam_method,
+                                     "results": merged, "best": best,
+                                     "bracketed": best not in (all_lrs[0], all_lrs[-1])}
+        save_store(a, self.store)
+        log(f"sweep {fam}: " + ", ".join(f"{x:g}: {merged[f'{x:g}']:.4f}" for x in all_lrs)
+            + f" -> {best:g}" + ("" if best not in (all_lrs[0], all_lrs[-1])
+                                 else " (NOT bracketed)"))
 
 
 # ----------------------------------------------------------------------------- main
+def report(a, store: dict) -> None:
+    an = ar.analyse_store(store)
+    ar.print_report(store, an["rows"], an["sampler_contrasts"])
+    base = os.path.splitext(a.results)[0]
+    with open(base + "_table.md", "w") as f:
+        f.write(ar.sweep_markdown(store) + "\n\n" + ar.table_markdown(an["rows"], store) + "\n")
+    png = ar.plot(store, [r for r in an["rows"] if r["mode"] == "steps"],
+                  base + "_loss_vs_flops.png")
+    log(f"wrote {a.results}, {base}_table.md" + (f", {png}" if png else ""))
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
+    if a.list_methods:
+        for name in {**am.METHODS, **a.extra}:
+            m = am.get(name, a.extra)
+            print(f"{name:<24} {json.dumps({k: v for k, v in m.items() if v})}")
+        return 0
     os.chdir(REPO)
     os.makedirs(a.out, exist_ok=True)
-    t_start = time.time()
     data = prepare_data(a)
-    log(f"data {data[0]} tokenizer {data[1]} ({data[2]} tokens); model {a.layers} layers x "
-        f"{a.hidden}, seq {a.seq_len}; {a.steps} steps of {a.global_batch} sequences")
-    from apollo_ds import flops
-    from apollo_ds.config import ModelConfig
-    per_layer = flops.layer_forward_flops_per_token(a.hidden, a.seq_len)
-    head = 2 * a.hidden * flops.padded_vocab(data[2], ModelConfig().pad_vocab_to)
-    log(f"LM head share of full-depth FLOPs: {100 * head / (a.layers * per_layer + head):.1f}%"
-        f"; at depth 1: {100 * head / (per_layer + head):.1f}%")
-
-    runs_dir = os.path.join(a.out, "runs")
-    meta_path = os.path.join(a.out, "acceleration.json")
+    store = load_store(a, data)
     if a.report_only:
-        with open(meta_path) as f:
-            prev = json.load(f)
-        lr, nproc, sweep, nproc_info = prev["lr"], prev["nproc"], prev.get("lr_sweep"), \
-            prev.get("nproc_choice")
-    else:
-        nproc, nproc_info = pick_nproc(a, data)
-        if "median_step_s" in nproc_info:
-            log("estimated time still to go: " + estimate(
-                a, nproc_info["median_step_s"][nproc], data[2], bool(a.sweep_lrs)))
-        log("expected FLOPs of each method relative to scratch: " + ", ".join(
-            f"{m} {expected_cost(a, m, data[2]):.3f}" for m in a.methods))
-        lr, sweep = a.lr, None
-        if a.sweep_lrs:
-            sweep = {"steps": a.sweep_steps, "results": {}}
-            for x in a.sweep_lrs:
-                cfg = run_config(a, data, "scratch", x, a.sweep_steps,
-                                 os.path.join(a.out, "sweep", f"lr{x:g}"),
-                                 eval_interval=(a.eval_interval if a.sweep_steps == a.steps
-                                                else max(1, a.sweep_steps // 4)))
-                recs = train(a, f"sweep lr={x:g}", cfg, nproc)
-                sweep["results"][f"{x:g}"] = recs[-1]["eval_loss"]
-            lr = float(min(sweep["results"], key=sweep["results"].get))
-            sweep["chosen"] = lr
-            log("LR sweep (final eval loss after %d steps): %s -> lr %g" % (
-                a.sweep_steps, ", ".join(f"{k}: {v:.4f}" for k, v in sweep["results"].items()),
-                lr))
-        for m in a.methods:
-            cfg = run_config(a, data, m, lr, a.steps, os.path.join(runs_dir, m))
-            if m == "scratch" and sweep and a.sweep_steps == a.steps:
-                src = os.path.join(a.out, "sweep", f"lr{lr:g}")
-                shutil.rmtree(cfg["train"]["out_dir"], ignore_errors=True)
-                shutil.copytree(src, cfg["train"]["out_dir"])
-                log(f"scratch: reusing the sweep run at lr {lr:g} ({src})")
-                continue
-            train(a, m, cfg, nproc)
-    runs = {m: read_metrics(os.path.join(runs_dir, m)) for m in a.methods
-            if os.path.isfile(os.path.join(runs_dir, m, "metrics.jsonl"))}
-    if "scratch" not in runs:
-        raise SystemExit(f"acceleration.py: no scratch run in {runs_dir}")
-    an = analyse(runs)
-    pngs = plot(runs, an["target_eval_loss"], a.out)
-    result = {"lr": lr, "nproc": nproc, "nproc_choice": nproc_info, "lr_sweep": sweep,
-              "quick": a.quick, "settings": {k: v for k, v in vars(a).items()},
-              "data": {"prefix": data[0], "tokenizer": data[1], "vocab": data[2]},
-              "elapsed_s": time.time() - t_start, **an, "plots": pngs,
-              "curves": {m: eval_points(r) for m, r in runs.items()}}
-    with open(meta_path, "w") as f:
-        json.dump(result, f, indent=1)
-    print_summary(an, lr, nproc)
-    log(f"wrote {meta_path}" + (" and " + ", ".join(pngs) if pngs else "") +
-        f" ({time.time() - t_start:.0f} s in all)")
+        report(a, store)
+        return 0
+    nproc = 1 if a.dry_run else pick_nproc(a, data)
+    store["commands"].append({
+        "argv": "benchmarks/acceleration.py " + " ".join(shlex.quote(x) for x in argv),
+        "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "nproc": nproc, "runs": []})
+    bench = Bench(a, data, store, nproc, len(store["commands"]) - 1)
+    log(f"model {a.layers} x {a.hidden}, {a.steps} steps x {a.global_batch} sequences; "
+        f"methods {a.method_list}; seeds {a.seed_list}; compare {a.modes}; {nproc} process(es)")
+    if a.sweep_lrs:
+        for fam_method in dict.fromkeys(am.baseline_for(am.get(m, a.extra))
+                                        for m in a.method_list):
+            bench.sweep(fam_method, a.dry_run)
+    for seed in a.seed_list:
+        for name in a.method_list:
+            method = am.get(name, a.extra)
+            lr = bench.lr_for(method)
+            for mode in a.modes:
+                if mode == "flops" and not method["apollo"].get("enabled"):
+                    continue
+                bench.run(name, lr, seed, mode, a.dry_run)
+    if a.dry_run:
+        log(f"planned: {len(bench.planned)} runs, ~{sum(bench.planned.values()):.2f} "
+            f"scratch-run equivalents")
+        return 0
+    save_store(a, store)
+    report(a, store)
     return 0
 
 
