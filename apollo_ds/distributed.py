@@ -5,6 +5,8 @@ host-side reduction goes through (so no CPU tensor ever reaches an NCCL group)."
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -31,8 +33,34 @@ class Dist:
         return self.device.type == "cuda"
 
 
+def _first_node_addr(nodelist: str) -> str:
+    """An address of the job's first node. Its name when that resolves; otherwise the NodeAddr
+    Slurm itself reaches it by (emulated nodes, e.g. slurm/local_cluster.sh's node1/node2, and
+    sites whose node names are not in DNS)."""
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                               capture_output=True, text=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        m = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)   # "node[1-2],gpu7" -> "node1"
+        return m.group(1) + (m.group(2) or "") if m else nodelist
+    try:
+        socket.getaddrinfo(first, None)
+        return first
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", first, "-o"], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return first
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else first
+
+
 def _slurm_env() -> None:
-    """srun starts one task per GPU without setting torch's variables: derive them."""
+    """srun starts one task per GPU without setting torch's variables: derive them. srun's
+    default (block) distribution numbers the tasks node by node, so megatron's TP groups
+    (consecutive ranks) lie inside a node; a cyclic distribution would spread them."""
     if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
         return
     if "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
@@ -41,13 +69,8 @@ def _slurm_env() -> None:
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", "localhost")
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
-                                 capture_output=True, text=True).stdout.split()
-            os.environ["MASTER_ADDR"] = out[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            os.environ["MASTER_ADDR"] = nodes.split(",")[0]
+        os.environ["MASTER_ADDR"] = _first_node_addr(os.environ.get("SLURM_JOB_NODELIST",
+                                                                    "localhost"))
     # One port per job, so two jobs sharing a node do not collide.
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
 

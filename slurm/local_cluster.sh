@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# A real single-node Slurm cluster on this machine, for tests and for trying slurm/*.sh.
+# A real Slurm cluster on this machine (one node, or several emulated nodes), for tests and for
+# trying slurm/*.sh.
 #
 #   slurm/local_cluster.sh start     install Slurm + munge when missing (apt), start munged,
-#                                     slurmctld and slurmd with private config/state/logs under
-#                                     $SLURM_LOCAL_BASE, wait until the node is idle
+#                                     slurmctld and one slurmd per node with private
+#                                     config/state/logs under $SLURM_LOCAL_BASE, wait until
+#                                     every node is idle
 #   slurm/local_cluster.sh install   only install the packages when missing (CI does this up front)
-#   slurm/local_cluster.sh status    daemons and node state; exit 0 only when all three run
+#   slurm/local_cluster.sh status    daemons and node states; exit 0 only when all of them run
 #   slurm/local_cluster.sh env       print `export SLURM_CONF=...` (eval it, or source $BASE/env.sh)
 #   slurm/local_cluster.sh stop      cancel this cluster's jobs, stop its daemons (by PID)
 #   slurm/local_cluster.sh purge     stop, then delete $SLURM_LOCAL_BASE
@@ -17,10 +19,19 @@
 # Settings (environment):
 #   SLURM_LOCAL_BASE  base folder, at most 50 characters (Unix socket paths are capped at 108
 #                     bytes)                                          default /tmp/apollo-slurm
-#   SLURM_LOCAL_PORT  slurmctld port; slurmd uses PORT+1                        default 6817
-#   SLURM_LOCAL_CPUS  CPUs the node declares (may exceed the hardware)  default max(nproc, 2)
+#   SLURM_LOCAL_PORT  slurmctld port; node i's slurmd uses PORT+i               default 6817
+#   SLURM_LOCAL_NODES 1: one node named localhost. N > 1: N emulated nodes node1..nodeN, one
+#                     slurmd each (`slurmd -N nodeI`, NodeHostname=localhost, its own Port=),
+#                     so `sbatch --nodes=N` runs here; every node declares SLURM_LOCAL_CPUS
+#                     CPUs, i.e. the nodes share (oversubscribe) the real cores. The names do
+#                     not resolve (no /etc/hosts edit): apollo_ds/distributed.py falls back to
+#                     the node's NodeAddr (127.0.0.1) for MASTER_ADDR.          default 1
+#   SLURM_LOCAL_CPUS  CPUs each node declares (may exceed the hardware)  default max(nproc, 2)
 #   SLURM_LOCAL_GPUS  fake GPUs (gres, /dev/null-like char devices) so --gpus-per-node works
 #                     on a machine without GPUs; tasks must still check torch.cuda  default 0
+#   SLURM_LOCAL_REQUEUE_WAIT  seconds a requeued job (`scontrol requeue`, node failure) waits
+#                     before it may start again: AuthInfo=cred_expire, which is also the job
+#                     step credential's lifetime (Slurm's default 120)              default 10
 #   SLURM_LOCAL_FIRST_JOB_ID  first job id (each start clears state, so ids restart there);
 #                     tests pick a random one so that per-job ports derived from the job id
 #                     (e.g. MASTER_PORT) differ between clusters on one machine     default 1
@@ -33,12 +44,14 @@ set -euo pipefail
 
 BASE=${SLURM_LOCAL_BASE:-/tmp/apollo-slurm}
 PORT=${SLURM_LOCAL_PORT:-6817}
-DPORT=$((PORT + 1))
 NCPU=$(nproc 2>/dev/null || echo 2)
 CPUS=${SLURM_LOCAL_CPUS:-$((NCPU > 2 ? NCPU : 2))}
 GPUS=${SLURM_LOCAL_GPUS:-0}
 FIRST_JOB_ID=${SLURM_LOCAL_FIRST_JOB_ID:-1}
-NODE=localhost
+CRED_EXPIRE=${SLURM_LOCAL_REQUEUE_WAIT:-10}
+NODES=${SLURM_LOCAL_NODES:-1}
+[[ $NODES =~ ^[1-9][0-9]?$ ]] || { echo "local_cluster: error: SLURM_LOCAL_NODES=$NODES: use a number from 1 to 99" >&2; exit 2; }
+if [[ $NODES -eq 1 ]]; then NODE_NAMES=(localhost); else NODE_NAMES=($(seq -f 'node%g' 1 "$NODES")); fi
 CONF=$BASE/etc/slurm.conf
 MARK=$BASE/.apollo-local-slurm
 PKGS=(slurmctld slurmd slurm-client munge)
@@ -61,7 +74,9 @@ pid_of() {
 
 munged_pid()    { pid_of "$BASE/run/munged.pid" "$BASE/munge/munge.socket.2"; }
 slurmctld_pid() { pid_of "$BASE/run/slurmctld.pid" "$CONF"; }
-slurmd_pid()    { pid_of "$BASE/run/slurmd.$NODE.pid" "$CONF"; }
+slurmd_pid()    { pid_of "$BASE/run/slurmd.$1.pid" "$CONF"; }     # node name
+node_port()     { echo $((PORT + 1 + $1)); }                         # node index, from 0
+any_slurmd()    { local n; for n in "${NODE_NAMES[@]}"; do slurmd_pid "$n" && return 0; done; return 1; }
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -103,7 +118,7 @@ install_packages() {
 
 # ----------------------------------------------------------------------------- config
 write_config() {
-    local mem gres_line="" node_gres=""
+    local mem gres_line="" node_gres="" node_lines="" i
     mem=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
     if [[ $GPUS -gt 0 ]]; then
         mkdir -p "$BASE/dev"
@@ -113,22 +128,29 @@ write_config() {
         done
         gres_line="GresTypes=gpu"
         node_gres=" Gres=gpu:$GPUS"
-        echo "NodeName=$NODE Name=gpu File=$BASE/dev/fakegpu[0-$((GPUS - 1))]" >"$BASE/etc/gres.conf"
+        : >"$BASE/etc/gres.conf"
+        for n in "${NODE_NAMES[@]}"; do   # the nodes share the fake devices, like the CPUs
+            echo "NodeName=$n Name=gpu File=$BASE/dev/fakegpu[0-$((GPUS - 1))]" >>"$BASE/etc/gres.conf"
+        done
     else
         rm -f "$BASE/etc/gres.conf"
     fi
+    for i in "${!NODE_NAMES[@]}"; do
+        node_lines+="NodeName=${NODE_NAMES[$i]} NodeHostname=localhost NodeAddr=127.0.0.1 Port=$(node_port "$i") CPUs=$CPUS RealMemory=$mem${node_gres} State=UNKNOWN"$'\n'
+    done
     cat >"$CONF.tmp" <<EOF
 # generated by slurm/local_cluster.sh: a single-machine test cluster (do not edit; rewritten on start)
+# nodes: ${NODE_NAMES[*]}
 ClusterName=apollolocal
 FirstJobId=$FIRST_JOB_ID
 SlurmctldHost=localhost
 SlurmctldPort=$PORT
-SlurmdPort=$DPORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$BASE/munge/munge.socket.2
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket=$BASE/munge/munge.socket.2,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool/slurmd.%n
 SlurmctldPidFile=$BASE/run/slurmctld.pid
@@ -148,6 +170,8 @@ JobCompLoc=$BASE/log/jobcomp.log
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# look at pending jobs every 2 s (default 60/30 s): a requeued job starts soon after its wait
+SchedulerParameters=sched_interval=2,bf_interval=2
 # refuse impossible requests at submit time instead of pending forever
 EnforcePartLimits=ALL
 MpiDefault=none
@@ -155,19 +179,46 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 MailProg=/bin/true
 MinJobAge=300
-KillWait=5
+# time between SIGTERM and SIGKILL on cancel/requeue: room for a checkpoint (Slurm's default)
+KillWait=30
 InactiveLimit=0
 SlurmdTimeout=60
 $gres_line
-NodeName=$NODE NodeHostname=localhost NodeAddr=127.0.0.1 Port=$DPORT CPUs=$CPUS RealMemory=$mem${node_gres} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+${node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
     mv "$CONF.tmp" "$CONF"
     echo "export SLURM_CONF=$CONF" >"$BASE/env.sh"
 }
 
 # ----------------------------------------------------------------------------- commands
-node_state() { SLURM_CONF=$CONF scontrol show node "$NODE" -o 2>/dev/null | grep -o 'State=[^ ]*' | cut -d= -f2; }
+node_state() { SLURM_CONF=$CONF scontrol show node "$1" -o 2>/dev/null | grep -o 'State=[^ ]*' | cut -d= -f2; }
+
+# The node names of the config written last ("# nodes: ..."), empty when there is none.
+config_nodes() { [[ -r $CONF ]] && sed -n 's/^# nodes: //p' "$CONF" || true; }
+# stop/status act on the nodes the config names (SLURM_LOCAL_NODES may differ from the start's)
+use_config_nodes() {
+    local names
+    read -r -a names <<<"$(config_nodes)"
+    [[ ${#names[@]} -gt 0 ]] && NODE_NAMES=("${names[@]}")
+    return 0
+}
+
+wait_idle() {   # node: wait up to 30 s for IDLE/MIXED/ALLOCATED, resuming a drained node once
+    local node=$1 st="" resumed=0
+    for _ in $(seq 1 150); do
+        st=$(node_state "$node" || true)
+        case $st in
+            IDLE*|MIXED*|ALLOCATED*) echo "$st"; return 0 ;;
+            *DRAIN*|DOWN*|*INVAL*)
+                if [[ $resumed -eq 0 ]]; then
+                    SLURM_CONF=$CONF scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true
+                    resumed=1
+                fi ;;
+        esac
+        sleep 0.2
+    done
+    die "node $node is '${st:-unknown}' after 30 s; see $BASE/log/slurmd.$node.log and slurmctld.log"
+}
 
 cmd_start() {
     [[ ${#BASE} -le 50 ]] || die "SLURM_LOCAL_BASE=$BASE is ${#BASE} characters; at most 50 (Unix socket paths are capped at 108 bytes)"
@@ -178,16 +229,23 @@ cmd_start() {
     touch "$MARK"
     chmod 0711 "$BASE" "$BASE/munge"     # munged wants an executable-for-all socket folder
 
-    local mp cp dp
-    mp=$(munged_pid || true); cp=$(slurmctld_pid || true); dp=$(slurmd_pid || true)
+    local mp cp dp i n st running
+    mp=$(munged_pid || true); cp=$(slurmctld_pid || true)
+    if [[ -n $cp ]] || any_slurmd >/dev/null; then
+        running=$(config_nodes)
+        [[ $running == "${NODE_NAMES[*]}" ]] \
+            || die "the cluster at $BASE runs with nodes '$running', not '${NODE_NAMES[*]}' (SLURM_LOCAL_NODES=$NODES); run '$0 stop' first"
+    fi
     if [[ -z $cp ]] && port_busy "$PORT"; then
         die "port $PORT is taken by another program; set SLURM_LOCAL_PORT"
     fi
-    if [[ -z $dp ]] && port_busy "$DPORT"; then
-        die "port $DPORT is taken by another program; set SLURM_LOCAL_PORT"
-    fi
+    for i in "${!NODE_NAMES[@]}"; do
+        if ! slurmd_pid "${NODE_NAMES[$i]}" >/dev/null && port_busy "$(node_port "$i")"; then
+            die "port $(node_port "$i") (slurmd of ${NODE_NAMES[$i]}) is taken by another program; set SLURM_LOCAL_PORT"
+        fi
+    done
     # Rewrite the config only while no Slurm daemon of ours uses it.
-    if [[ -z $cp && -z $dp ]]; then
+    if [[ -z $cp ]] && ! any_slurmd >/dev/null; then
         write_config
     fi
 
@@ -213,64 +271,58 @@ cmd_start() {
         [[ -n $cp ]] || die "slurmctld is not running; see $BASE/log/slurmctld.log"
         say "started slurmctld ($cp)"
     fi
-    if [[ -z $dp ]]; then
-        slurmd -f "$CONF" -N "$NODE" -c </dev/null >/dev/null 2>&1 \
-            || die "slurmd failed to start; see $BASE/log/slurmd.$NODE.log"
-        for _ in $(seq 1 50); do dp=$(slurmd_pid || true); [[ -n $dp ]] && break; sleep 0.1; done
-        [[ -n $dp ]] || die "slurmd is not running; see $BASE/log/slurmd.$NODE.log"
-        say "started slurmd ($dp)"
-    fi
-
-    local st="" resumed=0
-    for _ in $(seq 1 150); do
-        st=$(node_state || true)
-        case $st in
-            IDLE*|MIXED*|ALLOCATED*) break ;;
-            *DRAIN*|DOWN*|*INVAL*)
-                if [[ $resumed -eq 0 ]]; then
-                    SLURM_CONF=$CONF scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
-                    resumed=1
-                fi ;;
-        esac
-        sleep 0.2
+    for n in "${NODE_NAMES[@]}"; do
+        dp=$(slurmd_pid "$n" || true)
+        [[ -n $dp ]] && continue
+        # -N: this slurmd is node $n whatever the machine's hostname (several share one host)
+        slurmd -f "$CONF" -N "$n" -c </dev/null >/dev/null 2>&1 \
+            || die "slurmd -N $n failed to start; see $BASE/log/slurmd.$n.log"
+        for _ in $(seq 1 50); do dp=$(slurmd_pid "$n" || true); [[ -n $dp ]] && break; sleep 0.1; done
+        [[ -n $dp ]] || die "slurmd of $n is not running; see $BASE/log/slurmd.$n.log"
+        say "started slurmd -N $n ($dp)"
     done
-    case $st in
-        IDLE*|MIXED*|ALLOCATED*) ;;
-        *) die "node $NODE is '${st:-unknown}' after 30 s; see $BASE/log/slurmd.$NODE.log and slurmctld.log" ;;
-    esac
-    say "cluster up: node $NODE $st, $CPUS CPUs, $GPUS GPUs, ports $PORT/$DPORT, base $BASE"
+
+    local states=()
+    for n in "${NODE_NAMES[@]}"; do st=$(wait_idle "$n") || exit 1; states+=("$n $st"); done
+    say "cluster up: $(IFS=,; echo "${states[*]}"); $CPUS CPUs and $GPUS GPUs per node," \
+        "ports $PORT (slurmctld) $(node_port 0)-$(node_port $((NODES - 1))) (slurmd), base $BASE"
     echo "export SLURM_CONF=$CONF"
 }
 
 cmd_stop() {
-    local cp dp mp jobs
-    cp=$(slurmctld_pid || true); dp=$(slurmd_pid || true); mp=$(munged_pid || true)
-    if [[ -n $cp && -n $dp && -n $mp ]]; then
+    local cp mp jobs n p dps=()
+    cp=$(slurmctld_pid || true); mp=$(munged_pid || true)
+    use_config_nodes
+    for n in "${NODE_NAMES[@]}"; do p=$(slurmd_pid "$n" || true); [[ -n $p ]] && dps+=("$n:$p"); done
+    if [[ -n $cp && -n $mp && ${#dps[@]} -gt 0 ]]; then
         jobs=$(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null || true)
         if [[ -n $jobs ]]; then
             say "cancelling jobs: $(echo $jobs)"
             # shellcheck disable=SC2086
             SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
-            for _ in $(seq 1 50); do
+            for _ in $(seq 1 200); do     # KillWait is 30 s
                 [[ -z $(SLURM_CONF=$CONF squeue -h -o %A 2>/dev/null || true) ]] && break
                 sleep 0.2
             done
         fi
     fi
-    [[ -n $dp ]] && stop_pid slurmd "$dp"
+    for p in "${dps[@]}"; do stop_pid "slurmd ${p%%:*}" "${p#*:}"; done
     [[ -n $cp ]] && stop_pid slurmctld "$cp"
     [[ -n $mp ]] && stop_pid munged "$mp"
-    [[ -z $dp && -z $cp && -z $mp ]] && say "not running (base $BASE)"
+    [[ ${#dps[@]} -eq 0 && -z $cp && -z $mp ]] && say "not running (base $BASE)"
     return 0
 }
 
 cmd_status() {
-    local ok=0 p
+    local ok=0 p n
+    use_config_nodes
     p=$(munged_pid || true);    echo "munged:    ${p:-stopped}";    [[ -n $p ]] || ok=1
     p=$(slurmctld_pid || true); echo "slurmctld: ${p:-stopped}";    [[ -n $p ]] || ok=1
-    p=$(slurmd_pid || true);    echo "slurmd:    ${p:-stopped}";    [[ -n $p ]] || ok=1
+    for n in "${NODE_NAMES[@]}"; do
+        p=$(slurmd_pid "$n" || true); echo "slurmd:    ${p:-stopped} ($n)"; [[ -n $p ]] || ok=1
+    done
     if [[ $ok -eq 0 ]]; then
-        echo "node:      $NODE $(node_state || echo unknown)"
+        for n in "${NODE_NAMES[@]}"; do echo "node:      $n $(node_state "$n" || echo unknown)"; done
         echo "SLURM_CONF=$CONF"
     fi
     return $ok

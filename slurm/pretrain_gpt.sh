@@ -11,6 +11,9 @@
 #   sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 slurm/pretrain_gpt.sh
 # and a CPU-only node with 2 ranks (gloo):
 #   sbatch --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 slurm/pretrain_gpt.sh
+# Ranks are numbered node by node (srun's default block distribution), so with
+# parallel.tp <= --ntasks-per-node each tensor-parallel group stays inside one node and only
+# data-parallel (and pipeline) traffic crosses nodes; do not pass --distribution=cyclic.
 #
 # Environment knobs (sbatch exports the submitting shell's environment):
 #   CONFIG       run preset YAML                               default configs/gpt2_small_apollo.yaml
@@ -29,6 +32,15 @@
 #   JID=$(sbatch --parsable slurm/pretrain_gpt.sh)
 #   sbatch --dependency=afterok:$JID slurm/pretrain_gpt.sh
 #
+# Requeue (--requeue): `scontrol requeue <jobid>`, a preemption or a node failure puts the job
+# back in the queue under the same id; Slurm sends SIGTERM to every task, then SIGKILL after
+# the site's KillWait (default 30 s). SIGTERM is handled like SIGUSR1 (finish the step, write a
+# checkpoint); when Slurm starts the job again (SLURM_RESTART_COUNT=1, 2, ...) this script runs
+# the same command, which resumes from the newest checkpoint: from the SIGTERM one, or from the
+# newest periodic one (train.save_interval) if SIGKILL came first. Either way metrics.jsonl is
+# cut back to the checkpoint's step, so every step is logged once. The log is appended
+# (--open-mode=append), one block per start.
+#
 #SBATCH --job-name=apollo-gpt
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -38,6 +50,7 @@
 #SBATCH --signal=USR1@120
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
+#SBATCH --requeue
 set -euo pipefail
 
 die() { echo "pretrain_gpt.sh: error: $*" >&2; exit 2; }
@@ -107,6 +120,9 @@ read -r -a EXTRA_SRUN <<<"${SRUN_ARGS:-}"
 echo "pretrain_gpt.sh: job $SLURM_JOB_ID on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} tasks" \
      "(${SLURM_NTASKS_PER_NODE:-?} per node), accelerator $ACCELERATOR, config $CONFIG," \
      "overrides: ${OVR[*]:-} $*"
+if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
+    echo "pretrain_gpt.sh: requeued job, start $((SLURM_RESTART_COUNT + 1)): resuming from the newest checkpoint"
+fi
 echo "pretrain_gpt.sh: python $(command -v python), repo $REPO, started $(date -Is)"
 
 # --mpi=none: ranks come from SLURM_* (no PMI needed), whatever the site's MpiDefault is.
