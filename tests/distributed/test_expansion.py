@@ -21,9 +21,14 @@ MOMENTS = {"copy": [0, 0, 1, 1], "copy_scaled": [0, 0, 1, 1], "reset": [0, None,
                                              (2, "copy", "fp32"), (3, "copy", "fp32"),
                                              (1, "reset", "fp32"), (3, "reset", "fp32"),
                                              (2, "release", "fp32"), (1, "copy", "bf16"),
-                                             (2, "copy", "bf16"), (3, "copy", "bf16")])
+                                             (2, "copy", "bf16"), (3, "copy", "bf16"),
+                                             (1, "copy", "llama"), (3, "reset", "llama")])
 def test_expansion_identity_and_state_transfer(zero, mode, dtype, corpus, tmp_path):
-    r = _run(tmp_path, corpus, zero, dtype, {"optimizer_state": mode})
+    # "llama": fp32, model.arch=llama with grouped-query attention (heads 4, kv_heads 2)
+    llama = dtype == "llama"
+    r = _run(tmp_path, corpus, zero, "fp32" if llama else dtype, {"optimizer_state": mode},
+             model=LLAMA if llama else {})
+    per_layer = 7 if llama else 12     # parameters of one pool layer
     assert (r["n_old"], r["n_new"], r["sources"]) == (2, 4, [0, 0, 1, 1])
     assert sorted(map(int, r["losses_before"])) == [4, 5, 6, 7, 8]
     for d, before in r["losses_before"].items():
@@ -36,7 +41,7 @@ def test_expansion_identity_and_state_transfer(zero, mode, dtype, corpus, tmp_pa
         assert r["nonzero_moments"] == r["n_params_after"]
     fresh = {i for i, s in enumerate(MOMENTS[mode]) if s is None}
     if fresh:
-        assert r["n_params_after"] - r["nonzero_moments"] == len(fresh) * 12  # 12 per layer
+        assert r["n_params_after"] - r["nonzero_moments"] == len(fresh) * per_layer
     # Adam step counts: fresh layers start their own count at 0, every other group carries
     # the global step 3 (ZeRO: one counter per flat group, so fresh layers have own groups)
     for layers, offset, step in r["group_steps_after"]:
@@ -64,9 +69,12 @@ def test_copy_scaled_divides_moments_by_the_uses(corpus, tmp_path):
         assert m_ratio == pytest.approx(2.0, rel=1e-6) and v_ratio == pytest.approx(4.0, rel=1e-6)
 
 
-def _run(tmp_path, corpus, zero, dtype, apollo):
+LLAMA = {"arch": "llama", "heads": 4, "kv_heads": 2}
+
+
+def _run(tmp_path, corpus, zero, dtype, apollo, model=None):
     cfg = write_config(tmp_path / "run.yaml", corpus,
-                       model={"layers": 8},
+                       model={"layers": 8, **(model or {})},
                        apollo={"enabled": True, "stages": [2, 4, 8], "stage_ends": [3, 5],
                                **apollo},
                        train={"steps": 8, "out_dir": str(tmp_path / "out"),

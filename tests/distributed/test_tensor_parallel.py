@@ -9,9 +9,11 @@ from tests.conftest import assert_weights_close, read_metrics, torchrun, write_c
 APOLLO = {"enabled": True, "stages": [1, 2, 4], "stage_ends": [5, 8]}
 
 
-def run(tmp_path, corpus, name, nproc, tp, micro_batch=2, zero=1, apollo=None, **train):
+def run(tmp_path, corpus, name, nproc, tp, micro_batch=2, zero=1, apollo=None, model=None,
+        **train):
     cfg = write_config(tmp_path / f"{name}.yaml", corpus, apollo={**APOLLO, **(apollo or {})},
-                       model={"vocab_size": corpus.vocab + 5},   # 517: not divisible by TP
+                       # 517: not divisible by TP
+                       model={"vocab_size": corpus.vocab + 5, **(model or {})},
                        parallel={"tp": tp},
                        train={"steps": 12, "micro_batch": micro_batch,
                               "out_dir": str(tmp_path / name),
@@ -51,6 +53,16 @@ def test_resume_at_tp2_across_expansion(tp1, corpus, tmp_path):
     resumed = run(tmp_path, corpus, "resume", 2, 2, micro_batch=4)
     assert_same_run(tp1, resumed)
     assert [r["step"] for r in resumed[0]] == list(range(1, 13))
+
+
+def test_llama_gqa_tp2_matches_tp1_across_expansions(corpus, tmp_path):
+    # Llama with grouped-query attention: each TP rank holds one of the 2 key/value groups
+    # (2 query heads each), half of gate/up/down, and its slice of the untied output layer.
+    llama = {"arch": "llama", "heads": 4, "kv_heads": 2}
+    one = run(tmp_path, corpus, "llama_tp1", 1, 1, micro_batch=4, model=llama)
+    two = run(tmp_path, corpus, "llama_tp2", 2, 2, micro_batch=4, model=llama, zero=2)
+    assert "lm_head.weight" in one[1] and "pool.0.gate.weight" in one[1]
+    assert_same_run(one, two)
 
 
 def test_growth_levers_agree_at_tp1_and_tp2(corpus, tmp_path):

@@ -1,5 +1,7 @@
 """Config loading, overrides and validation: every bad setting on the list fails fast with
 its own message."""
+from pathlib import Path
+
 import pytest
 
 from apollo_ds.config import ConfigError, load_config, stage_end_steps, validate
@@ -62,6 +64,17 @@ BAD = [
     (["train.lr_schedule=wsd", "train.decay=200"], "outside steps 50..199"),
     (["train.rewarmup_steps=-2"], "train.rewarmup_steps=-2 must be >= 0"),
     (["train.rewarmup_steps=11"], "train.rewarmup_steps=11 is longer than the shortest stage"),
+    (["model.arch=bert"], "model.arch='bert' is unknown; choose one of gpt2, llama"),
+    (["model.arch=llama", "model.kv_heads=3"], "model.kv_heads=3 must divide model.heads=4"),
+    (["model.kv_heads=2"], "grouped-query attention needs model.arch=llama"),
+    (["model.tie_embeddings=false"], "model.tie_embeddings=false needs model.arch=llama"),
+    (["model.arch=llama", "model.tie_embeddings=maybe"], "expected true or false"),
+    (["model.arch=llama", "model.kv_heads=2", "parallel.tp=4"],
+     "parallel.tp=4 does not divide model.kv_heads=2"),
+    (["model.arch=llama", "model.ffn_hidden=102", "parallel.tp=4"],
+     "parallel.tp=4 does not divide the MLP width 102"),
+    (["model.arch=llama", "parallel.pp=2"], "model.arch=llama runs at parallel.pp=1 for now"),
+    (["model.arch=llama", "model.hidden=20", "model.heads=4"], "must be even"),
 ]
 
 
@@ -124,3 +137,25 @@ def test_release_tiny_preset_states_the_release_settings():
         400, 16, 1e-3, "cosine", 0.025, 0)
     assert (t.beta2, t.weight_decay, t.min_lr) == (0.999, 0.01, 0.0)
     assert stage_end_steps(cfg) == [20, 40, 100, 400]
+
+
+def test_llama_defaults():
+    from apollo_ds.config import ffn_width, kv_heads_of, tied
+    cfg = cfg_of("model.arch=llama")
+    m = cfg.model
+    # 8/3 x 192 = 512 exactly; kv_heads 0 means one per query head; untied head by default
+    assert (ffn_width(m), kv_heads_of(m), tied(m)) == (512, 4, False)
+    m.hidden = 200
+    assert ffn_width(m) == 576                   # 533.3 rounded up to a multiple of 64
+    assert tied(cfg_of().model) and ffn_width(cfg_of().model) == 4 * 192
+
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
+def test_every_shipped_preset_validates(preset):
+    # world sizes the presets name: 2 CPU processes, or 8 GPUs for the *_small_* ones
+    world = 8 if "small" in preset else 2
+    cfg = validate(load_config(str(PRESETS / preset)), world_size=world, check_files=False)
+    assert cfg.train.global_batch % (cfg.train.micro_batch * world) == 0

@@ -48,3 +48,15 @@ def test_relative_flops_of_depth():
     # padding to 128 raises the head cost
     m.pad_vocab_to = 128
     assert train_flops(m, 0, 1) == 3 * 2 * 64 * 128
+
+
+def test_llama_gqa_swiglu_hand_computed():
+    # h=64, 4 heads of 16, 2 kv heads (K, V 32 wide each), SwiGLU width 192, s=32, V 300 -> 384:
+    # weights per layer 64*(64+2*32) + 64*64 + 3*192*64 = 49152; x2 + attention 2*2*32*64
+    m = ModelConfig(arch="llama", layers=4, hidden=64, heads=4, kv_heads=2, seq_len=32,
+                    vocab_size=300)
+    per_layer = 2 * 49_152 + 8_192
+    assert train_flops(m, 4, 1) == 3 * (4 * per_layer + 2 * 64 * 384)
+    # without GQA (kv_heads = heads) K and V are 64 wide: 2*64*64 more weights per layer
+    m.kv_heads = 0
+    assert train_flops(m, 1, 1) - 3 * (per_layer + 2 * 64 * 384) == 3 * 2 * (2 * 64 * 32)
