@@ -33,8 +33,8 @@
 #   sbatch --dependency=afterok:$JID slurm/pretrain_gpt.sh
 #
 # Requeue (--requeue): `scontrol requeue <jobid>`, a preemption or a node failure puts the job
-# back in the queue under the same id; Slurm sends SIGTERM to every task, then SIGKILL after
-# the site's KillWait (default 30 s). SIGTERM is handled like SIGUSR1 (finish the step, write a
+# back in the queue under the same id; on a requeue or preemption Slurm sends SIGTERM to every
+# task, then SIGKILL after the site's KillWait (default 30 s). SIGTERM is handled like SIGUSR1 (finish the step, write a
 # checkpoint); when Slurm starts the job again (SLURM_RESTART_COUNT=1, 2, ...) this script runs
 # the same command, which resumes from the newest checkpoint: from the SIGTERM one, or from the
 # newest periodic one (train.save_interval) if SIGKILL came first. Either way metrics.jsonl is
