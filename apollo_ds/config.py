@@ -20,6 +20,7 @@ UPDATE_SCALES = ("none", "inv_uses")
 LR_SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "torch_adam")
 RECOMPUTE = ("none", "full")
+ON_NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -129,6 +130,11 @@ class TrainConfig:
     check_plan_agreement: bool = False
     recompute: str = "none"         # full: re-run every transformer layer in backward
     keep_checkpoints: int = 0       # >0: keep only the newest K checkpoints (0: keep all)
+    # A step whose loss or gradient norm is NaN/inf never reaches the optimizer. stop: exit 3,
+    # the newest checkpoint untouched; skip: drop the step (no update; its data is consumed)
+    # and go on, stopping at more than max_skipped such steps in a row
+    on_nonfinite: str = "stop"
+    max_skipped: int = 10
     # cosine: warmup, then cosine to min_lr at train.steps. wsd (warmup-stable-decay): warmup,
     # constant lr, then linear decay to min_lr over the last train.decay of the run; the decay
     # must start after the last Apollo expansion
@@ -334,7 +340,10 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
          f"choose one of {', '.join(OPTIMIZERS)}")
     need(t.recompute in RECOMPUTE, f"train.recompute='{t.recompute}' is unknown; choose one "
          f"of {', '.join(RECOMPUTE)} (full: recompute every layer's activations in backward)")
-    for name in ("save_interval", "eval_interval", "stop_after", "keep_checkpoints"):
+    need(t.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite='{t.on_nonfinite}' is unknown; "
+         f"choose one of {', '.join(ON_NONFINITE)} (skip drops a non-finite step, stop exits)")
+    for name in ("save_interval", "eval_interval", "stop_after", "keep_checkpoints",
+                 "max_skipped"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     need(t.log_interval >= 1, "train.log_interval must be >= 1")
     need(t.eval_iters >= 1, "train.eval_iters must be >= 1")

@@ -6,6 +6,9 @@
 
 Overrides are dotted ``section.key=value`` pairs, e.g. ``model.layers=6 train.steps=40``.
 Rerunning the same command resumes from the latest complete checkpoint in train.out_dir.
+Exit codes: 0 done (or stopped by a signal, with a checkpoint); 2 a bad config, launch or
+input, refused before any work; 3 a non-finite loss or gradient stopped the run before its
+optimizer step (train.on_nonfinite, train.max_skipped); anything else: a crash.
 """
 from __future__ import annotations
 
@@ -72,7 +75,15 @@ def main(argv=None) -> int:
         if dist.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer.run()
+    from apollo_ds.training.nonfinite import EXIT_NONFINITE, NonFiniteError
+    try:
+        trainer.run()
+    except NonFiniteError as e:
+        # every rank agreed on it (one reduction), so all leave together
+        if dist.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        distributed.shutdown()
+        return EXIT_NONFINITE
     # Only after a clean run: on an error the peers may be gone, and the launcher ends them.
     distributed.shutdown()
     return 0

@@ -23,6 +23,7 @@ import sys
 import torch
 
 from apollo_ds.config import ConfigError
+from apollo_ds.training import faults
 
 RUN_STATE = "run_state.json"
 LATEST = "latest"
@@ -116,6 +117,7 @@ def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
             os.fsync(f.fileno())
     for root, _dirs, _names in os.walk(tag_dir):   # and the directory entries
         _fsync_dir(root)
+    faults.sleep("save", tag)   # test-only: a kill -9 aimed between the files and the manifest
     _barrier()
     if rank == 0:
         _atomic_write(os.path.join(tag_dir, RUN_STATE), json.dumps(run_state, indent=1))

@@ -19,15 +19,14 @@ from apollo_ds.config import ConfigError, RunConfig
 from apollo_ds.data import build_datasets
 from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
-from apollo_ds.training import checkpoint, portable, resume, signals
+from apollo_ds.training import checkpoint, faults, portable, resume, signals
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import MetricsLog, print0
+from apollo_ds.training.nonfinite import NonFiniteError
 from apollo_ds.training.runtime import make_runtime
 
-
-class NonFiniteLoss(RuntimeError):
-    pass
+NonFiniteLoss = NonFiniteError   # the old name
 
 
 def step_seed(seed: int, step: int, dp_rank: int, pp_rank: int) -> int:
@@ -54,6 +53,7 @@ class Trainer:
         found = checkpoint.find_latest(self.ckpt_dir)
         self.step, self.consumed, self.flops_spent, self.flops_full = 0, 0, 0.0, 0.0
         self.wall_before = 0.0      # wall seconds spent by earlier (resumed-from) processes
+        self.skipped = self.consecutive_skips = 0   # train.on_nonfinite=skip: steps dropped
         n_unique, offsets = self.schedule.unique_at(1), None
         self.layout = resume.layout_of(dist, self.zero, self.runtime.dtype)
         if found is None:
@@ -78,6 +78,8 @@ class Trainer:
             self.step, self.consumed = state["step"], state["consumed_samples"]
             self.flops_spent, self.flops_full = state["flops_spent"], state["flops_full"]
             self.wall_before = state.get("wall_s", 0.0)
+            self.skipped = state.get("skipped_steps", 0)
+            self.consecutive_skips = state.get("consecutive_skips", 0)
             print0(dist.rank, f"resumed from {tag_dir} at step {self.step} with {n_unique} "
                               f"unique layers")
         self._settings = resume.record(cfg, self.layout)   # hashes files once, not per save
@@ -113,7 +115,9 @@ class Trainer:
                 "adam_step_offsets": list(self.runtime.step_offsets),
                 "stage": self.schedule.stage_index(max(1, self.step)),
                 "flops_spent": self.flops_spent, "flops_full": self.flops_full,
-                "wall_s": self._wall(), **self._settings}
+                "wall_s": self._wall(),
+                "skipped_steps": self.skipped, "consecutive_skips": self.consecutive_skips,
+                **self._settings}
 
     def _check_plan(self, step: int, plan) -> None:
         # Each rank also records its own plan, so a test (or a user) can compare them.
@@ -147,38 +151,77 @@ class Trainer:
         lr = lr_at(step, cfg)
         set_lr(self.engine, lr)
         t0 = time.perf_counter()
-        loss_sum = self.runtime.run_step(step, plan)
-        gnorm = self.engine.get_global_grad_norm()
-        has_gnorm = gnorm is not None
-        gnorm = gnorm if has_gnorm else 0.0
-        # The step's one host sync: loss, grad norm and the stop flag in one reduction. Every
-        # rank of a TP group (and every stage) holds the same loss, hence / world.
-        vals = all_reduce([loss_sum, gnorm, float(self._stop_signal)]).tolist()
-        loss = vals[0] / (self.grad_accum * d.world)
-        grad_norm = vals[1] / d.world
-        self._stop_all = vals[2] > 0
+        sync = {}
+
+        def guard(loss_share, norm, norm_is_global) -> bool:
+            # The step's one host sync, before the optimizer step: loss, gradient norm (or
+            # finiteness probe) and the stop flag in one reduction over every rank, so all
+            # ranks step or skip together. The global norm is the same on every rank.
+            vals = all_reduce([loss_share, norm, float(self._stop_signal)]).tolist()
+            sync.update(loss=vals[0], probe=vals[1], stop=vals[2] > 0,
+                        norm=vals[1] / d.world if norm_is_global else None)
+            return math.isfinite(vals[0]) and math.isfinite(vals[1])
+
+        self.runtime.run_step(step, plan, guard)
+        if not sync:
+            raise RuntimeError(f"step {step}: the engine never reached its optimizer step")
+        loss, grad_norm, self._stop_all = sync["loss"], sync["norm"], sync["stop"]
         elapsed = time.perf_counter() - t0
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            base = (step - 1) * t.global_batch
-            raise NonFiniteLoss(
-                f"non-finite loss {loss} at step {step} (depths {[p[0] for p in plan]}, "
-                f"samples {base}..{base + t.global_batch - 1}); the last checkpoint is the last "
-                f"good state: lower train.lr or check the data")
-        tokens = t.global_batch * cfg.model.seq_len
         depths = [p[0] for p in plan]
+        finite = math.isfinite(loss) and math.isfinite(sync["probe"])
+        if finite:
+            self.consecutive_skips = 0
+        else:
+            self._nonfinite(step, depths, loss, sync["probe"])   # raises unless skipping
+        tokens = t.global_batch * cfg.model.seq_len
         mb_tokens = t.micro_batch * d.dp * cfg.model.seq_len
         flops = sum(train_flops(cfg.model, dd, mb_tokens, d.tp) for dd in depths)
         full = train_flops(cfg.model, cfg.model.layers, tokens, d.tp)
         self.flops_spent += flops
         self.flops_full += full
-        return {"step": step, "loss": loss, "lr": lr,
-                "grad_norm": grad_norm if has_gnorm else None,
+        rec = {"step": step, "loss": loss if finite else None, "lr": lr,
+                "grad_norm": grad_norm if finite else None,
                 "n_unique": self.model.n_unique, "depths": depths,
                 "layer_maps": [p[1] for p in plan], "tokens": tokens,
                 "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
                 "flops": flops, "full_depth_flops": full, "flops_per_s": flops / elapsed,
                 "cum_flops": self.flops_spent, "cum_full_depth_flops": self.flops_full,
                 "consumed_samples": self.consumed + t.global_batch}
+        if not finite or self.skipped:
+            rec.update(skipped=not finite, skipped_steps=self.skipped)
+        return rec
+
+    def _nonfinite(self, step: int, depths: list[int], loss: float, probe: float) -> None:
+        """A step whose loss or gradient norm is not finite; its optimizer update was not
+        applied (nonfinite.py). train.on_nonfinite=skip: count it and go on, unless that makes
+        more than train.max_skipped in a row; otherwise raise NonFiniteError."""
+        t = self.cfg.train
+        what = [f"loss {loss}"] if not math.isfinite(loss) else []
+        if not math.isfinite(probe):
+            what.append(f"gradient norm {probe}")
+        base = (step - 1) * t.global_batch
+        where = (f"at step {step} (depths {depths}, samples {base}..{base + t.global_batch - 1})")
+        if t.on_nonfinite == "skip" and self.consecutive_skips < t.max_skipped:
+            self.consecutive_skips += 1
+            self.skipped += 1
+            print0(self.dist.rank, f"warning: non-finite {' and '.join(what)} {where}: step "
+                                   f"skipped ({self.consecutive_skips} in a row, "
+                                   f"train.max_skipped={t.max_skipped})")
+            return
+        latest = os.path.join(self.ckpt_dir, checkpoint.LATEST)
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                good = (f"the newest checkpoint {os.path.join(self.ckpt_dir, f.read().strip())}"
+                        f" is the last good state, untouched (rerun resumes from it)")
+        else:
+            good = f"no checkpoint was written yet in {self.ckpt_dir}"
+        head = (f"non-finite {' and '.join(what)} {where}" if t.on_nonfinite == "stop" else
+                f"{self.consecutive_skips + 1} non-finite steps in a row, the last "
+                f"({' and '.join(what)}) {where}, more than train.max_skipped={t.max_skipped}")
+        raise NonFiniteError(
+            f"{head}; stopped before its optimizer step and saved nothing: {good}; lower "
+            f"train.lr, check those samples, or set train.on_nonfinite=skip / raise "
+            f"train.max_skipped")
 
     def evaluate(self) -> float:
         """Mean loss over the first train.eval_iters global batches of held-out samples, at
@@ -196,6 +239,7 @@ class Trainer:
                               self.schedule.stage_index(step + 1))
         rt.destroy()
         del state
+        faults.sleep("expand", f"{n_old} -> {n_new}")   # test-only (kill -9 trials)
         rt.build(n_new, grown, step, offsets)
         print0(self.dist.rank, f"expanded pool {n_old} -> {n_new} unique layers "
                                f"({a.grow}, optimizer state {a.optimizer_state}) in "
@@ -232,8 +276,8 @@ class Trainer:
                 self.expand(n_needed)
             try:
                 rec = self.train_step(s)
-            except NonFiniteLoss as e:
-                print0(d.rank, f"error: {e}")
+            except NonFiniteError:
+                self.metrics.close()   # pretrain.py prints the message and exits 3
                 raise
             self.step, self.consumed = s, rec["consumed_samples"]
             window.append(rec)
@@ -265,8 +309,9 @@ class Trainer:
         toks = sum(r["tokens"] for r in window)
         fl = sum(r["flops"] for r in window)
         depths = [dd for r in window for dd in r["depths"]]
+        loss = "skipped" if rec.get("skipped") else f"{rec['loss']:.4f}"
         line = (f"step {rec['step']:>6}/{self.cfg.train.steps} | N {rec['n_unique']} | "
-                f"loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | gnorm "
+                f"loss {loss} | lr {rec['lr']:.2e} | gnorm "
                 f"{rec['grad_norm'] if rec['grad_norm'] is None else round(rec['grad_norm'], 3)}"
                 f" | depth {sum(depths) / len(depths):.2f} | {toks / secs:,.0f} tok/s | "
                 f"{fl / secs / 1e9:.2f} GFLOP/s | FLOPs {rec['cum_flops']:.3e} "

@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from apollo_ds.distributed import all_reduce
 from apollo_ds.model.init import init_weights
 from apollo_ds.model.pipeline import Canonical, PipeGPT
+from apollo_ds.training import faults
 from apollo_ds.training.engine import build_engine
 from apollo_ds.training.runtime import Runtime
 
@@ -92,16 +93,31 @@ class PipelineRuntime(Runtime):
         self._train_batch([self.model.n_unique] * self.grad_accum,
                           iter([(tokens, (tokens, mask))] * self.grad_accum))
 
-    def run_step(self, step: int, plan) -> torch.Tensor:
+    def run_step(self, step: int, plan, guard=None) -> torch.Tensor:
         def batches():
             for k in range(self.grad_accum):
                 b = self.batch(self.train_ds, self.micro_batch_start(step, k))
                 yield b["tokens"], (b["labels"], b["loss_mask"])
 
-        # The mean over the micro-batches and the DP ranks, on every stage: each DP rank
-        # contributes mean * grad_accum, as the PP=1 runtime's sum over its micro-batches.
-        loss = self._train_batch([p[0] for p in plan], batches())
+        loss_fn = self.model.loss_fn
+        if faults.ACTIVE:
+            self.model.loss_fn = lambda out, labels: faults.loss(loss_fn(out, labels), step)
+        self.step_guard = guard
+        try:
+            # The mean over the micro-batches and the DP ranks, on every stage: each DP rank
+            # contributes mean * grad_accum, as the PP=1 runtime's sum over its micro-batches.
+            loss = self._train_batch([p[0] for p in plan], batches())
+        finally:
+            self.step_guard, self.model.loss_fn = None, loss_fn
         return loss.detach().float().reshape(()) * self.grad_accum
+
+    def step_loss_share(self) -> torch.Tensor:
+        # Before the optimizer step only the last stage knows the loss (the engine's sum over
+        # this step's micro-batches); each of its dp * tp ranks holds its DP replica's.
+        e, d = self.engine, self.dist
+        if not e.is_last_stage() or e.total_loss is None:
+            return torch.zeros((), dtype=torch.float32, device=d.device)
+        return e.total_loss.detach().float().reshape(()) / (self.grad_accum * d.dp * d.tp)
 
     @torch.no_grad()
     def evaluate(self) -> float:

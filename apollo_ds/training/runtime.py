@@ -2,7 +2,8 @@
 
 A Runtime owns the model and the DeepSpeed engine of the current pool size and offers
   build(n_unique, state=None)   a model + engine for that pool (optionally from a full state)
-  run_step(step, plan)          all micro-batches of one optimizer step, the engine step included
+  run_step(step, plan, guard)   all micro-batches of one optimizer step; right before the
+                                optimizer step ``guard`` decides step or skip (nonfinite.py)
   evaluate()                    held-out loss at full depth
   full_state() / load_full_state(state, step)
                                 fp32 masters + Adam moments by canonical parameter name
@@ -23,6 +24,7 @@ from apollo_ds.apollo import layer_map
 from apollo_ds.data import get_micro_batch
 from apollo_ds.distributed import MegatronMPU, all_reduce
 from apollo_ds.model import PoolGPT, init_weights
+from apollo_ds.training import faults, nonfinite
 from apollo_ds.training.engine import build_engine, model_dtype, param_groups, pool_lr_scale
 from apollo_ds.training.state import optimizer_step_count, priming, read_state, write_state
 
@@ -38,6 +40,8 @@ class Runtime:
         self.model = self.engine = None
         self._pin = dist.on_cuda
         self.step_offsets: list[int] = []   # per pool layer: its Adam step = step - offset
+        # set by run_step for its optimizer step only (nonfinite.install reads and clears it)
+        self.step_guard = None
 
     # ------------------------------------------------------------------ to be provided
     def new_model(self, n_unique: int):
@@ -57,8 +61,15 @@ class Runtime:
         """One train step on zero-loss inputs (under ``priming``)."""
         raise NotImplementedError
 
-    def run_step(self, step: int, plan) -> torch.Tensor:
-        """Sum over this rank's micro-batches of their mean loss (a device tensor)."""
+    def run_step(self, step: int, plan, guard=None) -> torch.Tensor:
+        """Sum over this rank's micro-batches of their mean loss (a device tensor). With
+        ``guard(loss_share, grad_norm, is_global) -> bool`` (nonfinite.install), called once
+        after the last backward: False skips the optimizer update."""
+        raise NotImplementedError
+
+    def step_loss_share(self) -> torch.Tensor:
+        """This rank's share of the step's mean loss: summed over all ranks it is the mean
+        over the global batch (read by the guard before the optimizer step)."""
         raise NotImplementedError
 
     def evaluate(self) -> float:
@@ -119,6 +130,7 @@ class Runtime:
                     p.copy_(state[name]["param"].to(p.dtype))
         model.to(self.dist.device)
         self.model, self.engine = model, self._make_engine(model)
+        nonfinite.install(self.engine, self)
         if state is not None:
             with priming(self.engine):
                 self._prime_step()
@@ -194,18 +206,27 @@ class DataParallelRuntime(Runtime):
         self.engine.step()
         self.engine.set_gradient_accumulation_boundary(None)
 
-    def run_step(self, step: int, plan) -> torch.Tensor:
+    def run_step(self, step: int, plan, guard=None) -> torch.Tensor:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        self._loss_sum, self.step_guard = loss_sum, guard
         nxt = self.batch(self.train_ds, self.micro_batch_start(step, 0))
-        for k in range(self.grad_accum):
-            b = nxt
-            if k + 1 < self.grad_accum:  # queue the next copy before this compute
-                nxt = self.batch(self.train_ds, self.micro_batch_start(step, k + 1))
-            loss = self.engine(b["tokens"], plan[k][1], b["labels"], b["loss_mask"])
-            loss_sum += loss.detach().float()
-            self.engine.backward(loss)
-            self.engine.step()
+        try:
+            for k in range(self.grad_accum):
+                b = nxt
+                if k + 1 < self.grad_accum:  # queue the next copy before this compute
+                    nxt = self.batch(self.train_ds, self.micro_batch_start(step, k + 1))
+                loss = self.engine(b["tokens"], plan[k][1], b["labels"], b["loss_mask"])
+                loss = faults.loss(loss, step)
+                loss_sum += loss.detach().float()
+                self.engine.backward(loss)
+                self.engine.step()   # the optimizer step (guarded) after the last one
+        finally:
+            self.step_guard = None
         return loss_sum
+
+    def step_loss_share(self) -> torch.Tensor:
+        # every rank of a TP group holds the same loss, hence / world (= dp * tp)
+        return self._loss_sum / (self.grad_accum * self.dist.world)
 
     @torch.no_grad()
     def evaluate(self) -> float:
