@@ -1,6 +1,12 @@
 """``apollo-ds`` console script.
 
     apollo-ds plan --config configs/X.yaml [section.key=value ...] [--json]
+    apollo-ds eval --checkpoint DIR (--data PREFIX [--split 98,2,0] | --text FILE...) [--json]
+    apollo-ds generate --checkpoint DIR --prompt TEXT [--prompt ...] [--max-new-tokens N]
+        [--temperature T --top-k K --top-p P --seed S]
+
+``eval`` and ``generate`` take a run's train.out_dir (any layout), a checkpoint tag directory
+or a Hugging Face export (apollo_ds.convert.to_hf) and run in this one process.
 
 ``plan`` prints the stage schedule of a run (unique layers, step ranges, the exact depth
 distribution of each stage) and the expected training FLOPs relative to full-depth training.
@@ -85,6 +91,55 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from apollo_ds.downstream import evaluate as ev
+    from apollo_ds.downstream.models import load
+    if (args.data is None) == (not args.text):
+        raise ConfigError("give held-out text as --data PREFIX (an indexed dataset: its "
+                          "validation split) or --text FILE... (one document per line)")
+    model = load(args.checkpoint, args.tokenizer)
+    if args.data:
+        stream = ev.dataset_stream(args.data, args.split, args.which)
+        source = f"{args.data} ({args.which} split of {args.split})"
+    else:
+        stream = []
+        for doc in ev.text_documents(args.text):
+            stream += model.encode(doc) + ([model.eod] if model.eod is not None else [])
+        source = " ".join(args.text)
+    r = ev.evaluate(model, stream, args.batch, args.max_windows, progress=not args.json)
+    r["data"] = source
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{model.kind} model {model.name} on {source}: loss {r['loss']:.4f}, perplexity "
+              f"{r['perplexity']:.2f} over {r['tokens']} tokens ({r['windows']} windows of "
+              f"{model.seq_len})")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from apollo_ds.downstream.generate import generate
+    from apollo_ds.downstream.models import load
+    model = load(args.checkpoint, args.tokenizer)
+    out = [generate(model, p, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                    args.seed + i) for i, p in enumerate(args.prompt)]
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        for r in out:
+            print(f"{r['prompt']}{r['text'] if r['text'][:1] in ('', ' ') else ' ' + r['text']}")
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a run's train.out_dir, a checkpoint tag directory, or an exported "
+                        "Hugging Face directory")
+    p.add_argument("--tokenizer", metavar="PATH.model",
+                   help="SentencePiece model for a native checkpoint (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apollo-ds",
                                 description="Apollo progressive GPT pretraining tools")
@@ -96,6 +151,26 @@ def _parser() -> argparse.ArgumentParser:
                     help="config overrides, e.g. model.layers=6 apollo.stages=[1,3,6]")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
+    ev = sub.add_parser("eval", help="mean loss and perplexity of a checkpoint or export on "
+                                     "held-out text")
+    _model_args(ev)
+    ev.add_argument("--data", metavar="PREFIX", help="indexed dataset (PREFIX.bin/.idx)")
+    ev.add_argument("--split", default="98,2,0", help="train,valid,test document weights "
+                                                      "(the run's data.split; default 98,2,0)")
+    ev.add_argument("--which", default="valid", choices=("train", "valid", "test"))
+    ev.add_argument("--text", nargs="+", metavar="FILE", help="text files, one document a line")
+    ev.add_argument("--batch", type=int, default=8, help="windows per forward (default 8)")
+    ev.add_argument("--max-windows", type=int, default=None, help="evaluate at most N windows")
+    ev.set_defaults(func=_cmd_eval)
+    ge = sub.add_parser("generate", help="continue prompts, greedy or sampled")
+    _model_args(ge)
+    ge.add_argument("--prompt", action="append", required=True, help="repeat for several")
+    ge.add_argument("--max-new-tokens", type=int, default=32)
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ge.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
+    ge.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: all)")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed+i)")
+    ge.set_defaults(func=_cmd_generate)
     return p
 
 
@@ -105,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # parse_known_args: overrides may come after --json too (argparse alone would refuse a
     # positional split by an option); anything left that looks like an option is an error.
     args, extra = parser.parse_known_args(argv)
-    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or args.command != "plan"]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
