@@ -40,6 +40,11 @@ demo: data
 		--config configs/tiny_cpu.yaml \
 		data.prefix=$(DATA)/corpus data.tokenizer=$(DATA)/spm8k.model \
 		train.out_dir=runs/demo
+	# ... then what a user does with it: export, held-out loss, a greedy sample
+	$(VPY) -m apollo_ds.convert.to_hf --checkpoint runs/demo --output runs/demo_hf
+	$(VPY) -m apollo_ds.cli eval --checkpoint runs/demo_hf --data $(DATA)/corpus --max-windows 64
+	$(VPY) -m apollo_ds.cli generate --checkpoint runs/demo_hf --prompt "The king said" \
+		--max-new-tokens 24
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests -m "not slow"
