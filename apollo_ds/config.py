@@ -226,7 +226,12 @@ def load_config(path: str | None, overrides: list[str] | tuple = ()) -> RunConfi
             try:
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+                # one line: PyYAML's message spans several (context, marks, caret)
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                what = getattr(e, "problem", None) or " ".join(str(e).split())
+                raise ConfigError(f"config file {path} is not valid YAML{where}: {what}; fix "
+                                  f"the syntax (a mapping of sections of key: value)") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections")
         for section, values in raw.items():

@@ -58,9 +58,10 @@ def main(argv=None) -> int:
         if args.deepspeed_config:
             overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
         cfg = load_config(args.config, overrides)
-        validate(cfg, world_size=_launcher_world())
-        from apollo_ds.data import check_data_inputs
-        check_data_inputs(cfg)
+        # every input (config, DeepSpeed config, launch env, out_dir, data, checkpoint) before
+        # any process group or engine exists
+        from apollo_ds.preflight import check_inputs
+        check_inputs(cfg, world=_launcher_world(), rank=_launcher_rank())
     except ConfigError as e:
         if _launcher_rank() == 0:
             print(f"error: {e}", file=sys.stderr)

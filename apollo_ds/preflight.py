@@ -1,0 +1,182 @@
+"""Every input of a run checked before any work starts: pretrain.py calls ``check_inputs`` in
+each process before process groups, engines or datasets exist. Config and DeepSpeed config,
+launch environment, output directory, data and tokenizer, and the checkpoint a rerun would
+resume from. A refusal is one ConfigError line naming the file or setting and the fix
+(pretrain.py exits 2). Nothing is written: the out_dir probe creates and removes one
+temporary file; checkpoints are checked against their manifest's sizes (the checksums are
+verified later, split over the ranks)."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import tempfile
+
+from apollo_ds.config import ConfigError, RunConfig, validate
+
+ACCELERATORS = ("cuda", "cpu")
+
+
+def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
+                 env=os.environ) -> None:
+    from apollo_ds.data import check_data_inputs
+    from apollo_ds.training.engine import load_ds_config, model_dtype, zero_stage
+    validate(cfg, world_size=world)
+    p = cfg.parallel
+    dp = (world or 1) // (p.tp * p.pp)
+    ds = load_ds_config(cfg, dp)
+    check_launch_env(env, rank)
+    check_writable("train.out_dir", cfg.train.out_dir)
+    if cfg.data.cache_dir:
+        check_writable("data.cache_dir", cfg.data.cache_dir)
+    check_data_inputs(cfg)
+    layout = {"dp": dp, "tp": p.tp, "pp": p.pp, "zero": zero_stage(ds),
+              "dtype": str(model_dtype(ds))}
+    check_resume(cfg, layout)
+
+
+# ------------------------------------------------------------------ launch environment
+def _first_int(text: str | None) -> int | None:
+    """'4' or Slurm's '4(x2)' -> 4."""
+    head = (text or "").split("(")[0].split(",")[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def check_launch_env(env=os.environ, rank: int = 0) -> None:
+    acc = env.get("DS_ACCELERATOR")
+    if acc is not None and acc not in ACCELERATORS:
+        raise ConfigError(f"DS_ACCELERATOR={acc} is not supported; use cuda or cpu, or unset "
+                          f"it (CUDA when torch finds a GPU, else the CPU)")
+    if acc != "cpu":
+        gpus = _first_int(env.get("SLURM_GPUS_ON_NODE"))
+        tasks = _first_int(env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE"))
+        if gpus is not None and tasks is not None and tasks > gpus:
+            raise ConfigError(f"Slurm starts {tasks} tasks on a node with {gpus} GPUs "
+                              f"(SLURM_NTASKS_PER_NODE / SLURM_GPUS_ON_NODE): one task per "
+                              f"GPU; use sbatch --ntasks-per-node={gpus} or --gpus-per-node="
+                              f"{tasks} (or DS_ACCELERATOR=cpu for CPU tasks)")
+    if acc == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(f"DS_ACCELERATOR=cuda but torch {torch.__version__} finds no CUDA "
+                              f"device (CUDA_VISIBLE_DEVICES="
+                              f"{env.get('CUDA_VISIBLE_DEVICES', 'unset')}); run on a GPU node "
+                              f"with a CUDA build of torch, or set DS_ACCELERATOR=cpu")
+    _check_master_port(env, rank)
+
+
+def _check_master_port(env, rank: int) -> None:
+    """Rank 0 hosts torch.distributed's TCP store on MASTER_PORT (except under torchrun, whose
+    agent already holds it): a port another process listens on would fail only after a
+    rendezvous timeout."""
+    port = env.get("MASTER_PORT", "")
+    if rank != 0 or "TORCHELASTIC_RUN_ID" in env or not port:
+        return
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"MASTER_PORT={port} is not a port number; pick a free port "
+                          f"(1024-65535)")
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        infos = socket.getaddrinfo(addr, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return  # unresolvable here: torch.distributed names the problem itself
+    with socket.socket() as probe:
+        try:
+            probe.bind((infos[0][4][0], 0))
+        except OSError:
+            return  # MASTER_ADDR is another host: its rank 0 binds there
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"MASTER_PORT={port} is already in use on {addr} (another "
+                                  f"job or a leftover process); pick a free port, e.g. "
+                                  f"MASTER_PORT={_free_port()}") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ output directory
+def check_writable(setting: str, path: str) -> None:
+    """``path`` exists as a writable directory, or can be created under its nearest existing
+    ancestor; probed with a temporary file (permission bits alone say nothing to root)."""
+    target = os.path.abspath(path)
+    base = target
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ConfigError(f"{setting}={path} cannot be created: {base} is a file, not a "
+                          f"directory; choose another {setting}")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=base, prefix=".apollo_ds_probe.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"{setting}={path} is not writable ({base}: {e.strerror}); choose a "
+                          f"writable {setting}") from None
+
+
+# ------------------------------------------------------------------ the checkpoint to resume
+def _size_problem(tag_dir: str) -> str | None:
+    from apollo_ds.training.checkpoint import MANIFEST, RUN_STATE
+    try:
+        with open(os.path.join(tag_dir, RUN_STATE)) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{RUN_STATE} unreadable ({e})"
+    if not os.path.exists(os.path.join(tag_dir, MANIFEST)):
+        return None   # written before checkpoints had manifests: trusted, as find_latest does
+    try:
+        with open(os.path.join(tag_dir, MANIFEST)) as f:
+            files = json.load(f)["files"]
+        items = sorted((rel, int(meta["size"])) for rel, meta in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+    for rel, size in items:
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != size:
+            return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {size}"
+    return None
+
+
+def check_resume(cfg: RunConfig, layout: dict) -> None:
+    """The checkpoint find_latest would pick (newest first, falling back as it does) must
+    exist in full and be one this run can continue (training.resume.check)."""
+    from apollo_ds.training import checkpoint, resume
+    ckpt_dir = os.path.join(cfg.train.out_dir, "checkpoints")
+    marker = os.path.join(ckpt_dir, checkpoint.LATEST)
+    if not os.path.isfile(marker):
+        return
+    with open(marker) as f:
+        latest = f.read().strip()
+    candidates = [latest] + [t for t in checkpoint.complete_tags(ckpt_dir) if t < latest]
+    first = None
+    for tag in dict.fromkeys(candidates):
+        tag_dir = os.path.join(ckpt_dir, tag)
+        problem = _size_problem(tag_dir)
+        if problem is None:
+            break
+        first = first or f"{tag}: {problem}"
+    else:
+        raise ConfigError(f"no valid checkpoint in {ckpt_dir} ({checkpoint.LATEST} names "
+                          f"{latest}; {first}; no older one is complete); restore the file or "
+                          f"move {ckpt_dir} away to start fresh")
+    with open(os.path.join(tag_dir, checkpoint.RUN_STATE)) as f:
+        state = json.load(f)
+    verdict = resume.check(state, cfg, layout, tag_dir)
+    if verdict.same_layout:
+        return
+    from apollo_ds.training import portable   # (imports megatron-core: only when needed)
+    if not portable.has_portable(tag_dir):
+        raise ConfigError(f"checkpoint {tag_dir} has no layout-free state ({portable.PARAMS}/),"
+                          f" so it resumes only under the layout that wrote it: "
+                          f"{state.get('layout')}; launch that layout")
