@@ -151,6 +151,30 @@ def _process_group_for_mcore():
         dist.destroy_process_group()
 
 
+def drop_broken_cache(cache_dir: str) -> list[str]:
+    """A process killed while megatron-core wrote its index cache leaves a truncated .npy that
+    the next run takes for a cache hit and cannot load. Every .npy here is opened (header and
+    size, memory-mapped); if one fails, the whole cache directory's files are removed so mcore
+    rebuilds them. Returns the removed names."""
+    import numpy as np
+    if not os.path.isdir(cache_dir):
+        return []
+    names = sorted(os.listdir(cache_dir))
+    for name in names:
+        if name.endswith(".npy"):
+            try:
+                np.load(os.path.join(cache_dir, name), mmap_mode="r", allow_pickle=True)
+            except (OSError, ValueError, EOFError):
+                break
+    else:
+        return []
+    for name in names:
+        path = os.path.join(cache_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    return names
+
+
 def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
     """megatron-core GPTDatasets (blended when data.prefix lists several prefixes) ->
     (train_ds, valid_ds or None). Collective when torch.distributed is initialized: every
@@ -165,6 +189,10 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
         raise ValueError(f"train_samples={train_samples} must be >= 1")
     has_valid = split_ranges(cfg.data.split, infos[0].sequences)[1] is not None
     cache_root = cfg.data.cache_dir or os.path.join(cfg.train.out_dir, "index_cache")
+    import torch.distributed as tdist
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        # rank 0 builds the cache first while the others wait in mcore's barrier
+        drop_broken_cache(os.path.join(cache_root, fingerprint(prefixes)))
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_len,

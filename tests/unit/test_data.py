@@ -317,3 +317,22 @@ def test_blend_two_prefixes_by_weight(data):
     assert torch.equal(b["labels"][:, :-1], b["tokens"][:, 1:])
     again = get_micro_batch(build_datasets(cfg, 400, 8)[0], 0, 8)
     assert torch.equal(b["tokens"], again["tokens"])
+
+
+def test_index_cache_torn_by_a_kill_is_rebuilt(data, tmp_path):
+    """A run killed while mcore wrote its index cache leaves a truncated .npy that looks like
+    a cache hit; the next build must drop the set and rebuild the same samples."""
+    import numpy as np
+    import torch
+    cfg = make_cfg(data, data.txt)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    first = get_micro_batch(build_datasets(cfg, 200, 8)[0], 5, 3)
+    npys = sorted((tmp_path / "cache").rglob("*.npy"), key=lambda p: p.stat().st_size)
+    assert npys
+    torn = npys[-1]
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    with pytest.raises(ValueError):     # what mcore would hit on its cache "hit"
+        np.load(torn, mmap_mode="r", allow_pickle=True)
+    again = get_micro_batch(build_datasets(cfg, 200, 8)[0], 5, 3)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    np.load(torn, mmap_mode="r", allow_pickle=True)   # rebuilt whole
