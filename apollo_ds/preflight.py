@@ -33,7 +33,7 @@ def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
     check_data_inputs(cfg)
     layout = {"dp": dp, "tp": p.tp, "pp": p.pp, "zero": zero_stage(ds),
               "dtype": str(model_dtype(ds))}
-    check_resume(cfg, layout)
+    check_resume(cfg, layout, layout_known=world is not None)
 
 
 # ------------------------------------------------------------------ launch environment
@@ -148,9 +148,10 @@ def _size_problem(tag_dir: str) -> str | None:
     return None
 
 
-def check_resume(cfg: RunConfig, layout: dict) -> None:
+def check_resume(cfg: RunConfig, layout: dict, layout_known: bool = True) -> None:
     """The checkpoint find_latest would pick (newest first, falling back as it does) must
-    exist in full and be one this run can continue (training.resume.check)."""
+    exist in full and be one this run can continue (training.resume.check). Without a
+    launcher-reported world size the layout is a guess: its checks are left to the Trainer."""
     from apollo_ds.training import checkpoint, resume
     ckpt_dir = os.path.join(cfg.train.out_dir, "checkpoints")
     marker = os.path.join(ckpt_dir, checkpoint.LATEST)
@@ -173,7 +174,7 @@ def check_resume(cfg: RunConfig, layout: dict) -> None:
     with open(os.path.join(tag_dir, checkpoint.RUN_STATE)) as f:
         state = json.load(f)
     verdict = resume.check(state, cfg, layout, tag_dir)
-    if verdict.same_layout:
+    if verdict.same_layout or not layout_known:
         return
     from apollo_ds.training import portable   # (imports megatron-core: only when needed)
     if not portable.has_portable(tag_dir):

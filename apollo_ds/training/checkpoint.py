@@ -105,6 +105,11 @@ def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
     then fsync, run_state.json, manifest.json and ``latest``, in that order."""
     tag = tag_for(run_state["step"])
     tag_dir = os.path.join(ckpt_dir, tag)
+    stale = os.path.join(tag_dir, MANIFEST)
+    if rank == 0 and os.path.exists(stale) and tag != _read_latest(ckpt_dir):
+        # a killed run completed this tag but never named it in `latest`: rewriting it, it is
+        # incomplete again until the new manifest (a kill now must not leave the old one)
+        os.remove(stale)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"apollo_run_state": run_state},
                            save_latest=False)
     if write_extra is not None:

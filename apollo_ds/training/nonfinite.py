@@ -60,11 +60,15 @@ def optimizer_disabled(engine):
     """The inner torch optimizer's ``step`` is a no-op inside (instance attribute)."""
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
+    own = inner.__dict__.get("step")   # an instance-level step (a wrapper's) is put back
     inner.step = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        del inner.step
+        if own is None:
+            del inner.step
+        else:
+            inner.step = own
 
 
 def install(engine, runtime) -> None:
