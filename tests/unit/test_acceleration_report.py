@@ -86,3 +86,24 @@ def test_define_and_baseline_family():
     assert am.baseline_for(am.get("grow6_12_const")) == "scratch"
     with pytest.raises(ValueError, match="is not apollo|train|model.KEY=VALUE"):
         am.parse_define("bad: stages=[4,12]")
+
+
+def test_recommended_preset_is_the_measured_method():
+    """configs/recommended_grow_tiny.yaml must be the method and LR the committed ablation
+    measured (benchmarks/results/acceleration.json), on the benchmark's shape."""
+    import json
+    from apollo_ds.config import load_config, validate
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    cfg = validate(load_config(os.path.join(root, "configs", "recommended_grow_tiny.yaml")),
+                   check_files=False)
+    with open(os.path.join(root, "benchmarks", "results", "acceleration.json")) as f:
+        store = json.load(f)
+    run = store["runs"][ar.run_key("grow6_12_const", cfg.train.lr, cfg.train.seed,
+                                   cfg.train.steps)]
+    for k, v in run["config"]["apollo"].items():
+        assert getattr(cfg.apollo, k) == v, k
+    assert cfg.train.lr == store["sweeps"]["cosine"]["best"]
+    assert store["sweeps"]["cosine"]["bracketed"]
+    b = store["benchmark"]
+    assert (cfg.model.layers, cfg.model.hidden, cfg.model.vocab_size, cfg.train.global_batch) \
+        == (b["layers"], b["hidden"], b["vocab"], b["global_batch"])
