@@ -483,7 +483,7 @@ def report(a, store: dict) -> None:
         f.write(ar.sweep_markdown(store) + "\n\n" + ar.table_markdown(an["rows"], store) + "\n")
     png = ar.plot(store, [r for r in an["rows"] if r["mode"] == "steps"],
                   base + "_loss_vs_flops.png")
-    log(f"wrote {a.results}, {base}_table.md" + (f", {png}" if png else ""))
+    log(f"store {a.results}; wrote {base}_table.md" + (f", {png}" if png else ""))
 
 
 def main(argv=None) -> int:
@@ -495,12 +495,16 @@ def main(argv=None) -> int:
             print(f"{name:<24} {json.dumps({k: v for k, v in m.items() if v})}")
         return 0
     os.chdir(REPO)
+    if a.report_only:     # needs only the store, not the data
+        if not os.path.isfile(a.results):
+            print(f"acceleration.py: --report-only: {a.results} does not exist", file=sys.stderr)
+            return 2
+        with open(a.results) as f:
+            report(a, json.load(f))
+        return 0
     os.makedirs(a.out, exist_ok=True)
     data = prepare_data(a)
     store = load_store(a, data)
-    if a.report_only:
-        report(a, store)
-        return 0
     nproc = 1 if a.dry_run else pick_nproc(a, data)
     store["commands"].append({
         "argv": "benchmarks/acceleration.py " + " ".join(shlex.quote(x) for x in argv),
