@@ -235,8 +235,13 @@ def plot(store: dict, rows: list[dict], path: str, seed: int | None = None) -> s
         print("matplotlib is not installed (.venv/bin/pip install matplotlib): no plot")
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    seeds = sorted({s for r in rows for s in r["seeds"]})
-    seed = seed if seed is not None else (seeds[0] if seeds else None)
+    counts: dict[int, int] = {}
+    for r in rows:
+        for s in r["seeds"]:
+            counts[s] = counts.get(s, 0) + 1
+    if seed is None and counts:   # the seed with the most methods (ties: the sweep's)
+        sweep_seeds = {sw["seed"] for sw in store.get("sweeps", {}).values()}
+        seed = max(counts, key=lambda s: (counts[s], s in sweep_seeds))
     lo, hi = math.inf, -math.inf
     for r in rows:
         run = store["runs"].get(run_key(r["method"], r["lr"], seed,
