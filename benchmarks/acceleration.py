@@ -425,8 +425,8 @@ class Bench:
                 log(f"{key}: in the store (final eval loss {have['final_eval_loss']:.4f})")
             return have
         if dry:
-            cost = am.expected_cost(method, self.a.layers, self.a.hidden, self.a.seq_len,
-                                    self.data[2]) * steps / self.a.steps
+            cost = am.expected_cost({"apollo": cfg["apollo"]}, self.a.layers, self.a.hidden,
+                                    self.a.seq_len, self.data[2]) * steps / self.a.steps
             if key not in self.planned:
                 log(f"would run {key} ({mode}; ~{cost:.2f} scratch-run equivalents)")
             self.planned[key] = cost
