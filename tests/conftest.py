@@ -57,6 +57,19 @@ def run(cmd: list[str], cwd=REPO, env=None, timeout=900) -> subprocess.Completed
                           timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Every test leaves os.environ as it found it: code under test (Slurm rank discovery)
+    writes RANK/WORLD_SIZE/MASTER_* into os.environ directly, which monkeypatch does not undo
+    for variables that did not exist before, and every later subprocess would inherit them
+    (a leaked RANK=3 makes the next pretrain.py think it is not rank 0)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Corpus:
     d = tmp_path_factory.mktemp("corpus")
