@@ -51,6 +51,12 @@ class ModelConfig:
 ARCHS = ("gpt2", "llama")
 
 
+def model_config_of(recorded: dict) -> "ModelConfig":
+    """The ModelConfig a checkpoint's run_state recorded (keys of other versions ignored)."""
+    return ModelConfig(**{k: v for k, v in recorded.items()
+                          if k in ModelConfig.__dataclass_fields__})
+
+
 def kv_heads_of(m: "ModelConfig") -> int:
     return m.kv_heads or m.heads
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 def to_llama_state(full: dict, model: dict, n_unique: int, lmap: list[int], tied: bool,
                    error) -> dict:
-    from apollo_ds.config import ModelConfig, kv_heads_of
-    m = ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__})
+    from apollo_ds.config import kv_heads_of, model_config_of
+    m = model_config_of(model)
     h, heads, kv = m.hidden, m.heads, kv_heads_of(m)
     hd, r = h // heads, heads // kv
     need = {"word_embeddings.weight", "final_norm.weight"} | (set() if tied else
@@ -46,8 +46,8 @@ def to_llama_state(full: dict, model: dict, n_unique: int, lmap: list[int], tied
 def llama_config(model: dict, tok_ids: dict, tied: bool):
     from transformers import LlamaConfig
 
-    from apollo_ds.config import ModelConfig, ffn_width, kv_heads_of
-    m = ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__})
+    from apollo_ds.config import ffn_width, kv_heads_of, model_config_of
+    m = model_config_of(model)
     return LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden, intermediate_size=ffn_width(m),
         num_hidden_layers=m.layers, num_attention_heads=m.heads,

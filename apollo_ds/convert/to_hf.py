@@ -517,10 +517,9 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, tag: str 
     if model.get("arch", "gpt2") == "llama":
         from transformers import LlamaForCausalLM
 
-        from apollo_ds.config import ModelConfig, tied as is_tied
+        from apollo_ds.config import model_config_of, tied as is_tied
         from apollo_ds.convert.hf_llama import llama_config, to_llama_state
-        tied = is_tied(ModelConfig(**{k: v for k, v in model.items()
-                                      if k in ModelConfig.__dataclass_fields__}))
+        tied = is_tied(model_config_of(model))
         sd = to_llama_state(full, model, n_unique, lmap, tied, ExportError)
         config = llama_config(model, tok_ids, tied)
         arch, hf = "LlamaForCausalLM", LlamaForCausalLM(config)

@@ -58,7 +58,7 @@ def _single_process_group() -> None:
 
 def _load_native(path: str, tokenizer: str | None, device: str) -> LoadedModel:
     from apollo_ds.apollo.layer_maps import layer_map
-    from apollo_ds.config import ModelConfig
+    from apollo_ds.config import model_config_of
     from apollo_ds.convert.to_hf import ExportError, load_full_state, resolve_checkpoint
     from apollo_ds.data.tokenizer import load_tokenizer
     try:
@@ -69,8 +69,7 @@ def _load_native(path: str, tokenizer: str | None, device: str) -> LoadedModel:
         raise ConfigError(str(e)) from None
     _single_process_group()
     from apollo_ds.model import PoolGPT
-    fields = ModelConfig.__dataclass_fields__
-    cfg = ModelConfig(**{k: v for k, v in state["model"].items() if k in fields})
+    cfg = model_config_of(state["model"])
     model = PoolGPT(cfg, int(state["n_unique"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
