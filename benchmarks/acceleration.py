@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -110,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-interval", type=int, default=None, help="default steps/25")
     p.add_argument("--eval-iters", type=int, default=None, help="default 6; --quick 2")
     p.add_argument("--deepspeed-config", default="ds_configs/zero1_fp32.json")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP threads per process (default cores / nproc); 1 to run two "
+                        "invocations side by side on 2 cores (they share the store safely)")
     p.add_argument("--fresh", action="store_true",
                    help="rerun runs the store already holds with the identical config")
     p.add_argument("--keep-checkpoints", action="store_true")
@@ -298,7 +302,7 @@ def train(a, label: str, cfg: dict, nproc: int) -> list[dict]:
         yaml.safe_dump(cfg, f, sort_keys=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), "apollo_ds/pretrain.py", "--config", cfg_path]
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                PYTHONWARNINGS="ignore")
     log(f"{label}: {' '.join(cmd)}  (OMP_NUM_THREADS={threads}, log {run_dir}/train.log)")
@@ -366,14 +370,44 @@ def load_store(a, data) -> dict:
     return {"benchmark": bench, "commands": [], "sweeps": {}, "runs": {}}
 
 
+def merge_store(store: dict, disk: dict) -> None:
+    """Fold into ``store`` (this invocation's view) what other invocations saved meanwhile,
+    so several invocations may share one store (two 1-thread streams on 2 cores)."""
+    for k, v in disk["runs"].items():
+        store["runs"].setdefault(k, v)
+    for fam, sw in disk["sweeps"].items():
+        mine = store["sweeps"].get(fam)
+        if mine is None or (mine["seed"], mine["steps"]) != (sw["seed"], sw["steps"]):
+            store["sweeps"].setdefault(fam, sw)
+            continue
+        res = {**sw["results"], **mine["results"]}
+        lrs = sorted(float(x) for x in res)
+        best = min(lrs, key=lambda x: res[f"{x:g}"])
+        mine.update(results=res, best=best, bracketed=best not in (lrs[0], lrs[-1]))
+    ident = lambda c: (tuple(c["argv"]), c["utc"])   # noqa: E731
+    ours = {ident(c): c for c in store["commands"]}
+    # a command's run list only grows: the longer copy is the newer one (ours stays ours)
+    merged = [max((ours.pop(ident(c), c), c), key=lambda x: len(x["runs"]))
+              for c in disk["commands"]] + list(ours.values())
+    store["commands"][:] = merged
+    for i, c in enumerate(merged):
+        for k in c["runs"]:
+            if k in store["runs"]:
+                store["runs"][k]["command"] = i
+
+
 def save_store(a, store: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(a.results)), exist_ok=True)
-    an = ar.analyse_store(store)
-    store["analysis"] = an
-    tmp = a.results + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(store, f, indent=1)
-    os.replace(tmp, a.results)
+    with open(a.results + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)     # read-merge-write: concurrent invocations
+        if os.path.isfile(a.results):
+            with open(a.results) as f:
+                merge_store(store, json.load(f))
+        store["analysis"] = ar.analyse_store(store)
+        tmp = a.results + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(store, f, indent=1)
+        os.replace(tmp, a.results)
 
 
 def record(store: dict, key: str, name: str, method: dict, cfg: dict, mode: str,
@@ -395,7 +429,8 @@ def record(store: dict, key: str, name: str, method: dict, cfg: dict, mode: str,
 # ----------------------------------------------------------------------------- plan
 class Bench:
     def __init__(self, a, data, store, nproc, cmd_index):
-        self.a, self.data, self.store, self.nproc, self.cmd = a, data, store, nproc, cmd_index
+        self.a, self.data, self.store, self.nproc = a, data, store, nproc
+        self.command = store["commands"][cmd_index]   # its index moves when stores merge
         self.planned: dict[str, float] = {}     # --dry-run: run key -> expected cost
 
     def steps_for(self, method: dict, mode: str) -> int:
@@ -432,8 +467,9 @@ class Bench:
             self.planned[key] = cost
             return {"final_eval_loss": float("nan")}
         recs = train(self.a, key, cfg, self.nproc)
-        entry = record(self.store, key, name, method, cfg, mode, recs, self.cmd)
-        self.store["commands"][self.cmd]["runs"].append(key)
+        entry = record(self.store, key, name, method, cfg, mode, recs,
+                       self.store["commands"].index(self.command))
+        self.command["runs"].append(key)
         save_store(self.a, self.store)
         return entry
 
