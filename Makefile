@@ -8,9 +8,10 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CACHE ?= $(CURDIR)/.cache/apollo_ds
 DATA := $(CACHE)/data
+BENCH := $(CACHE)/bench
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv data demo test test-all test-slow bench gpu-check plan clean
+.PHONY: venv data demo-data demo test test-all test-slow bench gpu-check plan clean
 
 venv: $(STAMP)
 $(STAMP): setup.py
@@ -35,16 +36,33 @@ $(DATA)/corpus.idx: $(DATA)/corpus.txt $(DATA)/spm8k.model
 	$(VPY) data_prep/preprocess_data.py --input $(DATA)/corpus.txt \
 		--tokenizer-model $(DATA)/spm8k.model --output-prefix $(DATA)/corpus --workers 2 --append-eod
 
-demo: data
+# The demo's data: the recommended preset's 1024-piece tokenizer and dataset (the same files
+# benchmarks/acceleration.py builds, so the preset, the demo and the benchmark share them).
+demo-data: $(BENCH)/corpus_spm1024.idx
+
+$(BENCH)/spm1024.model: $(DATA)/corpus.txt
+	mkdir -p $(BENCH)
+	$(VPY) data_prep/train_tokenizer.py --input $< --vocab-size 1024 --model-prefix $(BENCH)/spm1024
+
+$(BENCH)/corpus_spm1024.idx: $(DATA)/corpus.txt $(BENCH)/spm1024.model
+	$(VPY) data_prep/preprocess_data.py --input $(DATA)/corpus.txt \
+		--tokenizer-model $(BENCH)/spm1024.model --output-prefix $(BENCH)/corpus_spm1024 \
+		--workers 2 --append-eod
+
+# The recommended growth preset (configs/recommended_grow_tiny.yaml: train 4 unique layers,
+# then interpolate to 12) on 2 processes, then what a user does with it: export, held-out
+# loss, a greedy sample.
+demo: demo-data
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 2 apollo_ds/pretrain.py \
-		--config configs/tiny_cpu.yaml \
-		data.prefix=$(DATA)/corpus data.tokenizer=$(DATA)/spm8k.model \
-		train.out_dir=runs/demo
-	# ... then what a user does with it: export, held-out loss, a greedy sample
+		--config configs/recommended_grow_tiny.yaml \
+		data.prefix=$(BENCH)/corpus_spm1024 data.tokenizer=$(BENCH)/spm1024.model \
+		data.cache_dir=$(BENCH)/index_cache train.out_dir=runs/demo train.save_interval=200 \
+		train.eval_interval=100 train.eval_iters=6 train.log_interval=20
 	$(VPY) -m apollo_ds.convert.to_hf --checkpoint runs/demo --output runs/demo_hf
-	$(VPY) -m apollo_ds.cli eval --checkpoint runs/demo_hf --data $(DATA)/corpus --max-windows 64
+	$(VPY) -m apollo_ds.cli eval --checkpoint runs/demo_hf --data $(BENCH)/corpus_spm1024 \
+		--max-windows 96
 	$(VPY) -m apollo_ds.cli generate --checkpoint runs/demo_hf --prompt "The king said" \
-		--max-new-tokens 24
+		--max-new-tokens 32
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests -m "not slow"

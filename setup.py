@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "mpi4py==4.1.2",
     "transformers==5.24.0",
+    "accelerate==1.16.0",        # transformers.Trainer (examples/finetune_hf.py)
     "tensorboard",
     "pyyaml",
     "tqdm",

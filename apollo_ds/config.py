@@ -321,9 +321,6 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
          f"(each TP rank holds whole key/value heads)")
     need(ffn_width(m) % p.tp == 0,
          f"parallel.tp={p.tp} does not divide the MLP width {ffn_width(m)} (model.ffn_hidden)")
-    need(m.arch == "gpt2" or p.pp == 1,
-         f"model.arch={m.arch} runs at parallel.pp=1 for now (the pipeline stages are "
-         f"GPT-2's); use tensor and data parallelism")
     need(p.pp <= m.layers,
          f"parallel.pp={p.pp}: more pipeline stages than the final depth model.layers="
          f"{m.layers}; use pp <= {m.layers} (supported: tp dividing model.heads; pp=1 with "

@@ -4,9 +4,13 @@ Megatron-DeepSpeed does. This file holds the layer specs only; how a pipelined s
 
 Layer list (design/architecture.md, "The layer pool and the depth plan"):
   stage 0:    EmbedIn (TiedLayerSpec "embed": only the VocabParallelEmbedding), PosEmbed
+              (GPT-2's learned positions; for llama only the embedding dropout: rotary
+              positions live in the attention)
   stage k:    one replica per pool layer p that stage k can need for some depth d in [N, L]
-              (TiedLayerSpec f"pool{p}"), in increasing p
-  last stage: FinalNorm, EmbedOut (TiedLayerSpec "embed": the same weight, used as LM head)
+              (TiedLayerSpec f"pool{p}"), in increasing p; a GPT-2 Block or a LlamaBlock
+  last stage: FinalNorm (LayerNorm / RMSNorm), then the LM head: EmbedOut (TiedLayerSpec
+              "embed": the embedding weight, when model.tie_embeddings) or LMHead (its own
+              weight, llama's default)
 The d positions of a micro-batch are split evenly over the S stages: stage k runs positions
 [floor(k*d/S), floor((k+1)*d/S)). Position i runs pool layer floor(i*N/d) (interpolate), which is
 monotone in i, so a stage runs its replicas in increasing order, each as many times as its
@@ -35,13 +39,21 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from megatron.core import parallel_state, tensor_parallel
 from torch import nn
 
-from apollo_ds.config import ModelConfig
+from apollo_ds.config import ModelConfig, tied
 from apollo_ds.flops import padded_vocab as padded_vocab_size
-from apollo_ds.model.gpt import Block, _mark_tp, _mp_config, _no_init, lm_loss, run_layer
+from apollo_ds.model.gpt import (Block, _mark_tp, _mp_config, _no_init, lm_loss, mark_vocab_rows,
+                                 run_layer)
+from apollo_ds.model.llama import LlamaBlock
 
-BLOCK_PARAMS = ["input_norm.weight", "input_norm.bias", "qkv.weight", "qkv.bias",
-                "proj.weight", "proj.bias", "mlp_norm.weight", "mlp_norm.bias",
-                "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+# The parameters a pool replica ties across stages, by architecture (checked against the
+# built layer, so a changed layer cannot silently leave a parameter untied).
+BLOCK_PARAMS = {
+    "gpt2": ["input_norm.weight", "input_norm.bias", "qkv.weight", "qkv.bias",
+             "proj.weight", "proj.bias", "mlp_norm.weight", "mlp_norm.bias",
+             "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"],
+    "llama": ["input_norm.weight", "qkv.weight", "proj.weight", "mlp_norm.weight",
+              "gate.weight", "up.weight", "fc2.weight"],
+}
 
 
 # ------------------------------------------------------------------ the depth split
@@ -116,24 +128,27 @@ class PosEmbed(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dropout = cfg.dropout
-        self.position_embeddings = nn.Embedding(cfg.seq_len, cfg.hidden)
+        if cfg.arch != "llama":
+            self.position_embeddings = nn.Embedding(cfg.seq_len, cfg.hidden)
 
     def forward(self, x):
-        positions = torch.arange(x.shape[1], device=x.device)
-        x = x + self.position_embeddings(positions)
+        if hasattr(self, "position_embeddings"):
+            positions = torch.arange(x.shape[1], device=x.device)
+            x = x + self.position_embeddings(positions)
         return F.dropout(x, self.dropout, self.training)
 
 
-class PoolReplica(Block):
+class _Replica:
     """This stage's copy of pool layer ``index``: runs once per position of this stage that
-    maps to it."""
+    maps to it. Mixed into the architecture's layer class (PoolReplica, LlamaPoolReplica), so
+    the parameter names are the layer's own."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, index: int, n_unique: int,
                  num_stages: int, stage: int, cursor: DepthCursor, recompute: bool):
         super().__init__(cfg, _mp_config(dtype))
         self.index, self.n_unique, self.num_stages, self.stage = index, n_unique, num_stages, stage
         self.cursor, self.recompute = cursor, recompute
-        assert [n for n, _ in self.named_parameters()] == BLOCK_PARAMS
+        assert [n for n, _ in self.named_parameters()] == BLOCK_PARAMS[cfg.arch]
 
     def repeats(self, d: int) -> int:
         lo, hi = stage_positions(d, self.num_stages, self.stage)
@@ -144,15 +159,25 @@ class PoolReplica(Block):
         if count == 0 and torch.is_grad_enabled():
             # Exact no-op that gives every parameter a (zero) gradient.
             x = x + 0.0 * sum(p.sum() for p in self.parameters())
+        layer = super().forward   # the architecture's layer (next in the MRO)
         for _ in range(count):
-            x = run_layer(lambda h: Block.forward(self, h), x, self.recompute and self.training)
+            x = run_layer(layer, x, self.recompute and self.training)
         return x
+
+
+class PoolReplica(_Replica, Block):
+    pass
+
+
+class LlamaPoolReplica(_Replica, LlamaBlock):
+    pass
 
 
 class FinalNorm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps)
+        self.final_norm = (nn.RMSNorm(cfg.hidden, eps=cfg.layernorm_eps) if cfg.arch == "llama"
+                           else nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps))
 
     def forward(self, x):
         return self.final_norm(x)
@@ -182,6 +207,32 @@ class EmbedOut(tensor_parallel.VocabParallelEmbedding):
         return logits
 
 
+class LMHead(nn.Module):
+    """The untied LM head (model.tie_embeddings=false): its own column-parallel weight, named
+    ``lm_head.weight`` as in PoolGPT."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype):
+        super().__init__()
+        mp = _mp_config(dtype)
+        self.lm_head = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden, padded_vocab, config=mp, init_method=_no_init, bias=False,
+            gather_output=False)
+        _mark_tp(self.lm_head, 0)
+        mark_vocab_rows(self.lm_head.weight)
+        tp = mp.tensor_model_parallel_size
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        per_rank = padded_vocab // tp
+        local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+        self.register_buffer("pad_mask", local_ids >= cfg.vocab_size, persistent=False)
+        self.has_pad = bool((local_ids >= cfg.vocab_size).any())
+
+    def forward(self, x):
+        logits, _ = self.lm_head(x)
+        if self.has_pad:
+            logits = logits.masked_fill(self.pad_mask, float("-inf"))
+        return logits
+
+
 def pipe_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     labels, loss_mask = labels
     return lm_loss(logits, labels, loss_mask)
@@ -200,18 +251,20 @@ class PipeGPT(PipelineModule):
         tp = topology.get_dim("model")
         pv = padded_vocab_size(cfg.vocab_size, cfg.pad_vocab_to, tp)
         cursor = DepthCursor()
+        replica = LlamaPoolReplica if cfg.arch == "llama" else PoolReplica
+        head = (TiedLayerSpec("embed", EmbedOut, cfg, pv, dtype) if tied(cfg)
+                else LayerSpec(LMHead, cfg, pv, dtype))
         specs, parts = [], [0]
         for k in range(S):
             if k == 0:
                 specs += [TiedLayerSpec("embed", EmbedIn, cfg, pv, dtype),
                           LayerSpec(PosEmbed, cfg)]
             for p in stage_pool_layers(n_unique, cfg.layers, S, k):
-                specs.append(TiedLayerSpec(f"pool{p}", PoolReplica, cfg, dtype, p, n_unique, S, k,
+                specs.append(TiedLayerSpec(f"pool{p}", replica, cfg, dtype, p, n_unique, S, k,
                                            cursor, recompute,
-                                           tied_weight_attr=list(BLOCK_PARAMS)))
+                                           tied_weight_attr=list(BLOCK_PARAMS[cfg.arch])))
             if k == S - 1:
-                specs += [LayerSpec(FinalNorm, cfg),
-                          TiedLayerSpec("embed", EmbedOut, cfg, pv, dtype)]
+                specs += [LayerSpec(FinalNorm, cfg), head]
             parts.append(len(specs))
         object.__setattr__(self, "_apollo_parts", parts)
         super().__init__(layers=specs, topology=topology, loss_fn=pipe_loss,

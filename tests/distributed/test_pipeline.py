@@ -1,7 +1,8 @@
 """Pipeline parallelism through DeepSpeed's PipelineModule: PP=2 reproduces one process (losses
 and final weights) across Apollo stages whose unique counts are smaller than, equal to and larger
 than the number of pipeline stages ([1, 2, 4] on 2 stages), pool replicas held by several stages
-stay bit-identical, resume at PP=2 is exact across an expansion, and TP=2 x PP=2 matches."""
+stay bit-identical, resume at PP=2 is exact across an expansion, and TP=2 x PP=2 matches; the
+same PP=2 parity for a Llama-style model (grouped-query attention, untied output layer)."""
 import pytest
 import torch
 
@@ -25,9 +26,13 @@ def test_stage_split_covers_every_position_once():
                     assert seq == [i * N // d for i in range(d)]
 
 
-def run(tmp_path, corpus, name, nproc, pp, tp=1, worker="train_and_dump.py", **train):
+LLAMA = {"arch": "llama", "kv_heads": 2}
+
+
+def run(tmp_path, corpus, name, nproc, pp, tp=1, worker="train_and_dump.py", model=None,
+        **train):
     cfg = write_config(tmp_path / f"{name}.yaml", corpus, apollo=APOLLO,
-                       model={"vocab_size": corpus.vocab + 5},
+                       model={"vocab_size": corpus.vocab + 5, **(model or {})},
                        parallel={"tp": tp, "pp": pp},
                        train={"steps": 12, "micro_batch": 2, "out_dir": str(tmp_path / name),
                               "eval_interval": 6, **train})
@@ -109,3 +114,19 @@ def test_tp2_pp2_matches_single_process(pp1, corpus, tmp_path):
     tp2pp2 = run(tmp_path, corpus, "tp2pp2", 4, 2, tp=2)
     assert_same_run(pp1, tp2pp2)
     assert_replicas_identical(tp2pp2[2])
+
+
+def test_llama_pp2_matches_single_process_across_resume(corpus, tmp_path):
+    # heads 4 / kv_heads 2, RMSNorm, SwiGLU, rotary, untied head: the last stage holds its own
+    # lm_head (not a tied replica of the embedding), stage 0 no position table. Stopped at the
+    # last N=1 step (pool layer 0 then lives on both stages), resumed into the expansion.
+    pp1 = run(tmp_path, corpus, "llama_pp1", 1, 1, model=LLAMA)
+    assert "lm_head.weight" in pp1[1] and "position_embeddings.weight" not in pp1[1]
+    _, _, stages = run(tmp_path, corpus, "llama_pp2", 2, 2, model=LLAMA, stop_after=5)
+    assert_replicas_identical(stages, ("pool.0.gate.weight", "pool.0.qkv.weight",
+                                       "pool.0.input_norm.weight"))
+    assert "word_embeddings.weight" not in stages[1] and "lm_head.weight" not in stages[0]
+    pp2 = run(tmp_path, corpus, "llama_pp2", 2, 2, model=LLAMA)
+    assert [r["step"] for r in pp2[0]] == list(range(1, 13))
+    assert_same_run(pp1, pp2)
+    assert_replicas_identical(pp2[2], ())

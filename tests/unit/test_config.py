@@ -73,7 +73,6 @@ BAD = [
      "parallel.tp=4 does not divide model.kv_heads=2"),
     (["model.arch=llama", "model.ffn_hidden=102", "parallel.tp=4"],
      "parallel.tp=4 does not divide the MLP width 102"),
-    (["model.arch=llama", "parallel.pp=2"], "model.arch=llama runs at parallel.pp=1 for now"),
     (["model.arch=llama", "model.hidden=20", "model.heads=4"], "must be even"),
     (["train.on_nonfinite=ignore"], "train.on_nonfinite='ignore' is unknown; choose one of "
                                     "stop, skip"),
