@@ -58,6 +58,18 @@ def is_vocab_rows(name: str, p) -> bool:
     return getattr(p, "vocab_rows", False) or name.endswith("word_embeddings.weight")
 
 
+def register_pad_mask(module: nn.Module, vocab_size: int, padded_vocab: int) -> None:
+    """``pad_mask`` over this TP rank's logits: padded vocabulary rows must never receive
+    probability mass. ``has_pad`` is known at build time, so the forward never asks the device
+    (no host sync)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    per_rank = padded_vocab // tp
+    local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    module.register_buffer("pad_mask", local_ids >= vocab_size, persistent=False)
+    module.has_pad = bool((local_ids >= vocab_size).any())
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
@@ -130,13 +142,7 @@ class PoolGPT(nn.Module):
         if not self.tied:
             _mark_tp(self.lm_head, 0)
             mark_vocab_rows(self.lm_head.weight)
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        per_rank = self.padded_vocab // tp
-        local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
-        # Padded vocabulary rows must never receive probability mass.
-        self.register_buffer("pad_mask", local_ids >= cfg.vocab_size, persistent=False)
-        # Known at build time, so the forward never asks the device (no host sync).
-        self.has_pad = bool((local_ids >= cfg.vocab_size).any())
+        register_pad_mask(self, cfg.vocab_size, self.padded_vocab)
         self.to(dtype)
 
     @property

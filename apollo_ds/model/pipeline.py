@@ -36,13 +36,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from torch import nn
 
 from apollo_ds.config import ModelConfig, tied
 from apollo_ds.flops import padded_vocab as padded_vocab_size
 from apollo_ds.model.gpt import (Block, _mark_tp, _mp_config, _no_init, lm_loss, mark_vocab_rows,
-                                 run_layer)
+                                 register_pad_mask, run_layer)
 from apollo_ds.model.llama import LlamaBlock
 
 # The parameters a pool replica ties across stages, by architecture (checked against the
@@ -193,12 +193,7 @@ class EmbedOut(tensor_parallel.VocabParallelEmbedding):
         self.lm_head = tensor_parallel.ColumnParallelLinear(
             cfg.hidden, padded_vocab, config=mp, init_method=_no_init, bias=False,
             gather_output=False, skip_weight_param_allocation=True)
-        tp = mp.tensor_model_parallel_size
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        per_rank = padded_vocab // tp
-        local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
-        self.register_buffer("pad_mask", local_ids >= cfg.vocab_size, persistent=False)
-        self.has_pad = bool((local_ids >= cfg.vocab_size).any())
+        register_pad_mask(self, cfg.vocab_size, padded_vocab)
 
     def forward(self, x):
         logits, _ = self.lm_head(x, weight=self.weight)
@@ -219,12 +214,7 @@ class LMHead(nn.Module):
             gather_output=False)
         _mark_tp(self.lm_head, 0)
         mark_vocab_rows(self.lm_head.weight)
-        tp = mp.tensor_model_parallel_size
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        per_rank = padded_vocab // tp
-        local_ids = torch.arange(rank * per_rank, (rank + 1) * per_rank)
-        self.register_buffer("pad_mask", local_ids >= cfg.vocab_size, persistent=False)
-        self.has_pad = bool((local_ids >= cfg.vocab_size).any())
+        register_pad_mask(self, cfg.vocab_size, padded_vocab)
 
     def forward(self, x):
         logits, _ = self.lm_head(x)
