@@ -49,7 +49,7 @@ $(BENCH)/corpus_spm1024.idx: $(DATA)/corpus.txt $(BENCH)/spm1024.model
 		--tokenizer-model $(BENCH)/spm1024.model --output-prefix $(BENCH)/corpus_spm1024 \
 		--workers 2 --append-eod
 
-# The recommended growth preset (configs/recommended_grow_tiny.yaml: train 4 unique layers,
+# The recommended growth preset (configs/recommended_grow_tiny.yaml: train 3 unique layers,
 # then interpolate to 12) on 2 processes, then what a user does with it: export, held-out
 # loss, a greedy sample.
 demo: demo-data

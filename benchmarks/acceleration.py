@@ -72,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 6 layers x 64, 40 steps, stages scaled to 6 layers, "
                         "store in --out (a few minutes per method)")
+    p.add_argument("--long", action="store_true",
+                   help="the longer horizon: 8 layers x 96, 3200 steps (8x today's), stages "
+                        "scaled to 8 layers, store benchmarks/results/acceleration_long.json "
+                        "(FLOPs per step ~0.4x today's: estimated 15 min a run on 2 quiet cores)")
     p.add_argument("--out", default="runs/acceleration", help="work directory of the runs")
     p.add_argument("--results", default=None,
                    help=f"JSON results store (default {RESULTS}; --quick: OUT/acceleration.json)")
@@ -121,12 +125,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="list the planned runs only")
     a = p.parse_args(argv)
     q = a.quick
-    a.steps = a.steps or (40 if q else 400)
-    a.layers = a.layers or (6 if q else 12)
-    a.hidden = a.hidden or (64 if q else 128)
+    if q and a.long:
+        p.error("--quick and --long exclude each other")
+    a.steps = a.steps or (40 if q else 3200 if a.long else 400)
+    a.layers = a.layers or (6 if q else 8 if a.long else 12)
+    a.hidden = a.hidden or (64 if q else 96 if a.long else 128)
     a.eval_interval = a.eval_interval or max(1, a.steps // (8 if q else 25))
     a.eval_iters = a.eval_iters or (2 if q else 6)
-    a.results = a.results or (os.path.join(a.out, "acceleration.json") if q else RESULTS)
+    a.results = a.results or (os.path.join(a.out, "acceleration.json") if q else
+                              RESULTS.replace(".json", "_long.json") if a.long else RESULTS)
     a.seed_list = [int(s) for s in (a.seeds or "1234").split(",")]
     a.modes = [m.strip() for m in a.compare.split(",") if m.strip()]
     for m in a.modes:

@@ -98,7 +98,7 @@ def test_recommended_preset_is_the_measured_method():
                    check_files=False)
     with open(os.path.join(root, "benchmarks", "results", "acceleration.json")) as f:
         store = json.load(f)
-    run = store["runs"][ar.run_key("grow4_12_const", cfg.train.lr, cfg.train.seed,
+    run = store["runs"][ar.run_key("grow3_12_const", cfg.train.lr, cfg.train.seed,
                                    cfg.train.steps)]
     for k, v in run["config"]["apollo"].items():
         assert getattr(cfg.apollo, k) == v, k
