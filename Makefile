@@ -62,7 +62,7 @@ demo: demo-data
 	$(VPY) -m apollo_ds.cli eval --checkpoint runs/demo_hf --data $(BENCH)/corpus_spm1024 \
 		--max-windows 96
 	$(VPY) -m apollo_ds.cli generate --checkpoint runs/demo_hf --prompt "The king said" \
-		--max-new-tokens 32
+		--max-new-tokens 32 --repetition-penalty 1.3
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests -m "not slow"

@@ -3,7 +3,7 @@
     apollo-ds plan --config configs/X.yaml [section.key=value ...] [--json]
     apollo-ds eval --checkpoint DIR (--data PREFIX [--split 98,2,0] | --text FILE...) [--json]
     apollo-ds generate --checkpoint DIR --prompt TEXT [--prompt ...] [--max-new-tokens N]
-        [--temperature T --top-k K --top-p P --seed S]
+        [--temperature T --top-k K --top-p P --seed S] [--repetition-penalty R]
 
 ``eval`` and ``generate`` take a run's train.out_dir (any layout), a checkpoint tag directory
 or a Hugging Face export (apollo_ds.convert.to_hf) and run in this one process.
@@ -120,9 +120,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from apollo_ds.downstream.generate import generate
     from apollo_ds.downstream.models import load
+    if args.repetition_penalty <= 0:
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be > 0 "
+                          f"(1: none; 1.2-1.5 discourages loops)")
     model = load(args.checkpoint, args.tokenizer)
     out = [generate(model, p, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                    args.seed + i) for i, p in enumerate(args.prompt)]
+                    args.seed + i, repetition_penalty=args.repetition_penalty)
+           for i, p in enumerate(args.prompt)]
     if args.json:
         print(json.dumps(out, indent=1))
     else:
@@ -170,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")
     ge.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: all)")
     ge.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed+i)")
+    ge.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="divide the logits of tokens already in the context (HF's "
+                         "repetition_penalty; 1: none)")
     ge.set_defaults(func=_cmd_generate)
     return p
 

@@ -109,11 +109,26 @@ def test_next_token_filters():
     assert 3 not in {next_token(logits, 1.0, 3, 1.0, g) for _ in range(300)}
 
 
+def test_repetition_penalty_is_hugging_faces():
+    # against transformers' own RepetitionPenaltyLogitsProcessor (an independent implementation)
+    from transformers import RepetitionPenaltyLogitsProcessor
+    from apollo_ds.downstream.generate import penalize_repeats
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    ctx = [4, 7, 7, 19, 33, 4, 2]
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([ctx]), logits[None].clone())[0]
+    got = penalize_repeats(logits, ctx, 1.3)
+    assert torch.allclose(got, ref)
+    assert not torch.equal(got, logits) and torch.equal(got[0], logits[0])
+    assert torch.equal(penalize_repeats(logits, ctx, 1.0), logits)
+
+
 @pytest.mark.parametrize("args,message", [
     (["eval", "--checkpoint", "/nonexistent", "--text", "x.txt"], "no such directory"),
     (["eval", "--checkpoint", "."], "give held-out text as --data PREFIX"),
     (["eval", "--checkpoint", "RUN", "--text", "/nonexistent.txt"], "--text /nonexistent.txt"),
     (["generate", "--checkpoint", "/nonexistent", "--prompt", "x"], "no such directory"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "x", "--repetition-penalty", "0"],
+     "--repetition-penalty 0.0: must be > 0"),
 ])
 def test_bad_input_is_refused(trained, args, message, capsys, single_process_group):
     from apollo_ds.cli import main
