@@ -123,6 +123,18 @@ def pretrain(nproc: int, config: Path, *overrides: str) -> subprocess.CompletedP
     return torchrun(nproc, "apollo_ds/pretrain.py", ["--config", str(config), *overrides])
 
 
+def pretrain_and_export(tmp: Path, corpus: Corpus) -> tuple[Path, Path]:
+    """A tiny real run with one growth (2 -> 4 unique layers at step 3 of 6) and its Hugging
+    Face export: (run directory, export directory)."""
+    cfg = write_config(tmp / "run.yaml", corpus,
+                       apollo={"enabled": True, "stages": [2, 4], "stage_ends": [3]},
+                       train={"steps": 6, "out_dir": str(tmp / "run")})
+    pretrain(1, cfg)
+    from apollo_ds.convert.to_hf import main
+    assert main(["--checkpoint", str(tmp / "run"), "--output", str(tmp / "hf")]) == 0
+    return tmp / "run", tmp / "hf"
+
+
 def read_metrics(out_dir) -> list[dict]:
     with open(Path(out_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import pretrain, real_text_lines, write_config
+from tests.conftest import pretrain_and_export, real_text_lines
 
 PROMPTS = ["The king said", "And then"]
 
@@ -19,15 +19,10 @@ PROMPTS = ["The king said", "And then"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("downstream")
-    cfg = write_config(tmp / "run.yaml", corpus,
-                       apollo={"enabled": True, "stages": [2, 4], "stage_ends": [3]},
-                       train={"steps": 6, "out_dir": str(tmp / "run")})
-    pretrain(1, cfg)
-    from apollo_ds.convert.to_hf import main
-    assert main(["--checkpoint", str(tmp / "run"), "--output", str(tmp / "hf")]) == 0
+    run, hf = pretrain_and_export(tmp, corpus)
     held_out = tmp / "held_out.txt"
     held_out.write_text("\n".join(real_text_lines(3000)[-40:]) + "\n")
-    return {"run": tmp / "run", "hf": tmp / "hf", "text": held_out, "corpus": corpus}
+    return {"run": run, "hf": hf, "text": held_out, "corpus": corpus}
 
 
 @pytest.fixture

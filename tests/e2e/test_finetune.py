@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import yaml
 
-from tests.conftest import REPO, pretrain, write_config
+from tests.conftest import REPO, pretrain_and_export
 
 sys.path.insert(0, str(REPO / "examples"))
 import finetune_hf as ft  # noqa: E402
@@ -23,12 +23,7 @@ CACHE = str(REPO / ".cache" / "apollo_ds" / "data" / "downloads")
 @pytest.fixture(scope="module")
 def export(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("finetune")
-    cfg = write_config(tmp / "run.yaml", corpus,
-                       apollo={"enabled": True, "stages": [2, 4], "stage_ends": [3]},
-                       train={"steps": 6, "out_dir": str(tmp / "run")})
-    pretrain(1, cfg)
-    from apollo_ds.convert.to_hf import main
-    assert main(["--checkpoint", str(tmp / "run"), "--output", str(tmp / "hf")]) == 0
+    pretrain_and_export(tmp, corpus)
     return tmp
 
 
