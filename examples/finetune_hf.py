@@ -167,9 +167,10 @@ def main(argv=None) -> int:
     max_len = a.max_len or getattr(model.config, "n_positions", None) or \
         model.config.max_position_embeddings
     # an example whose prompt fills the window has no answer token left to learn from
-    data = {k: [ex for ex in v if any(x != -100 for x in encode(tok, ex, eos, max_len)["labels"])]
-            for k, v in data.items()}
-    feats = {k: [encode(tok, ex, eos, max_len) for ex in v] for k, v in data.items()}
+    kept = {k: [(ex, f) for ex in v for f in [encode(tok, ex, eos, max_len)]
+                if any(x != -100 for x in f["labels"])] for k, v in data.items()}
+    data = {k: [ex for ex, _ in v] for k, v in kept.items()}
+    feats = {k: [f for _, f in v] for k, v in kept.items()}
     collate = Collate(pad)
     print(f"chatterbot-corpus: {len(feats['train'])} train / {len(feats['test'])} held-out "
           f"question-answer pairs, {len({e['category'] for e in data['train']})} categories",

@@ -1,8 +1,9 @@
 """Continue prompts: greedy, or sampled with temperature, top-k and top-p (nucleus), from a
 seeded generator so a sampled run can be repeated; optionally with a repetition penalty
 (CTRL's, as Hugging Face's ``repetition_penalty``: the logit of every token already in the
-context is divided by it when positive, multiplied when negative). The context is re-run every token (no
-key/value cache) and cut to the model's seq_len: meant for inspection, not serving."""
+context is divided by it when positive, multiplied when negative). The context is re-run
+every token (no key/value cache) and cut to the model's seq_len: meant for inspection, not
+serving."""
 from __future__ import annotations
 
 import torch
