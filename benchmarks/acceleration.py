@@ -298,7 +298,21 @@ def dir_complete(run_dir: str, cfg: dict) -> bool:
 
 
 def train(a, label: str, cfg: dict, nproc: int) -> list[dict]:
+    """Train one run, holding RUN_DIR.lock: a second invocation that plans the same run (two
+    streams both add a method's scratch baseline) waits and then adopts it; without the lock
+    it deleted the live run directory and the curve was lost."""
     run_dir = cfg["train"]["out_dir"]
+    os.makedirs(os.path.dirname(os.path.abspath(run_dir)), exist_ok=True)
+    with open(run_dir.rstrip("/") + ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{label}: another invocation is training this run; waiting to adopt it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_locked(a, label, cfg, nproc, run_dir)
+
+
+def _train_locked(a, label: str, cfg: dict, nproc: int, run_dir: str) -> list[dict]:
     if not a.fresh and dir_complete(run_dir, cfg):
         log(f"{label}: adopting the complete run in {run_dir}")
         return read_metrics(run_dir)

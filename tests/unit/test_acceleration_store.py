@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+import yaml
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import acceleration as acc  # noqa: E402
 
@@ -65,3 +67,38 @@ def test_two_invocations_sharing_a_store_keep_everything(tmp_path, monkeypatch):
     assert [c["argv"] for c in disk["commands"]].count(["A"]) == 1
     assert next(c for c in disk["commands"] if c["argv"] == ["A"])["runs"] == ["grow_a",
                                                                               "grow_a2"]
+
+
+def test_a_run_another_invocation_is_training_is_waited_for_then_adopted(tmp_path):
+    """Two streams that both plan scratch's baseline: the second must not delete the first's
+    live run directory (it did, and the first run's curve was lost); it waits for the lock,
+    then adopts the finished run without training it again."""
+    import fcntl
+    import threading
+    run_dir = tmp_path / "runs" / "scratch_lr0.001_s1234_n2"
+    cfg = {"model": {"layers": 2}, "data": {"prefix": "p"},
+           "train": {"steps": 2, "out_dir": str(run_dir)}}
+    a = argparse.Namespace(fresh=False, threads=1, keep_checkpoints=False)
+    run_dir.mkdir(parents=True)
+    (run_dir / "live_file").write_text("the other invocation's checkpoint")
+    holder = open(str(run_dir) + ".lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)           # "the other invocation" is training
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("recs", acc.train(a, "x", cfg, 1)))
+    t.start()
+    t.join(1.0)
+    assert t.is_alive(), "train() did not wait for the run's lock"
+    assert (run_dir / "live_file").exists(), "the live run directory was deleted"
+    # the other invocation finishes its run, then releases the lock
+    with open(run_dir / "bench_config.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    rec = {"step": 2, "loss": 5.0, "cum_flops": 1.0, "cum_full_depth_flops": 1.0,
+           "wall_s": 1.0, "eval_loss": 4.5}
+    (run_dir / "metrics.jsonl").write_text(json.dumps({**rec, "step": 1}) + "\n"
+                                           + json.dumps(rec) + "\n")
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    t.join(10.0)
+    assert not t.is_alive()
+    assert [r["step"] for r in out["recs"]] == [1, 2] and out["recs"][-1]["eval_loss"] == 4.5
+    assert (run_dir / "live_file").exists()      # adopted, not retrained
