@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long", action="store_true",
                    help="the longer horizon: 8 layers x 96, 3200 steps (8x today's), stages "
                         "scaled to 8 layers, store benchmarks/results/acceleration_long.json "
-                        "(FLOPs per step ~0.4x today's: estimated 15 min a run on 2 quiet cores)")
+                        "(FLOPs per step ~0.4x today's; a scratch run took 22 min at --threads 1, "
+                        "two side by side on 2 cores)")
     p.add_argument("--out", default="runs/acceleration", help="work directory of the runs")
     p.add_argument("--results", default=None,
                    help=f"JSON results store (default {RESULTS}; --quick: OUT/acceleration.json)")
