@@ -2,9 +2,11 @@
 1-thread streams on 2 cores) must not lose each other's runs, sweep points or commands."""
 import argparse
 import copy
+import fcntl
 import json
 import os
 import sys
+import threading
 
 import yaml
 
@@ -73,8 +75,6 @@ def test_a_run_another_invocation_is_training_is_waited_for_then_adopted(tmp_pat
     """Two streams that both plan scratch's baseline: the second must not delete the first's
     live run directory (it did, and the first run's curve was lost); it waits for the lock,
     then adopts the finished run without training it again."""
-    import fcntl
-    import threading
     run_dir = tmp_path / "runs" / "scratch_lr0.001_s1234_n2"
     cfg = {"model": {"layers": 2}, "data": {"prefix": "p"},
            "train": {"steps": 2, "out_dir": str(run_dir)}}
