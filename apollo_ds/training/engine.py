@@ -55,6 +55,9 @@ def load_ds_config(cfg: RunConfig, dp: int) -> dict:
     ds["train_batch_size"] = t.global_batch
     ds["gradient_clipping"] = t.grad_clip
     ds.setdefault("steps_per_print", 10**9)
+    # DeepSpeed's throughput timer is on unless configured off, and synchronizes the device
+    # twice per micro-batch; the loop times steps itself (one host sync per step).
+    ds.setdefault("timers", {}).setdefault("throughput", {"enabled": False, "synchronized": False})
     if t.optimizer == "torch_adam":
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8,
