@@ -4,15 +4,17 @@ order, so Apollo's depth plans (or a plain [0..L-1] stack) plug in without model
 
 Tensor parallelism comes from megatron-core's layers: QKV and fc1 are column-parallel, the
 attention output and fc2 row-parallel, the embedding vocab-parallel and tied to the LM head,
-and the loss is megatron-core's vocab-parallel cross entropy. The QKV output is laid out per
-head as [heads, 3, head_dim], so a TP rank's column slice holds whole heads.
+and the loss is a chunked vocab-parallel cross entropy (apollo_ds.model.loss). The QKV output
+is laid out per head as [heads, 3, head_dim], so a TP rank's column slice holds whole heads.
 
 Randomness follows Megatron's rule: dropout on activations every TP rank holds in full (the
 embeddings, the residual branches) draws from the default generator, which the trainer seeds
 identically on the ranks of one TP group; dropout on a rank's own heads (attention
 probabilities) draws from megatron-core's model-parallel RNG tracker, which differs per TP
-rank. ``recompute=True`` re-runs each layer in backward (megatron-core's checkpoint, which
-restores both RNG streams, so the recomputed dropout masks are the forward's).
+rank. ``recompute="full"`` re-runs each layer in backward, ``"selective"`` only the attention
+core (apollo_ds.model.recompute: non-reentrant, so a pool layer used several times gets one
+gradient per micro-batch, and both RNG streams replayed, so the recomputed dropout masks are
+the forward's).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from torch import nn
 from apollo_ds.config import ModelConfig, tied
 from apollo_ds.flops import padded_vocab as padded_vocab_size
 from apollo_ds.model.llama import LlamaBlock
+from apollo_ds.model.loss import vocab_parallel_cross_entropy
+from apollo_ds.model.recompute import checkpoint, mode_of
 
 
 def _mp_config(dtype: torch.dtype) -> ModelParallelConfig:
@@ -71,6 +75,8 @@ def register_pad_mask(module: nn.Module, vocab_size: int, padded_vocab: int) -> 
 
 
 class Block(nn.Module):
+    recompute_core = False   # train.recompute=selective: the attention core re-runs in backward
+
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         tp = mp.tensor_model_parallel_size
@@ -96,12 +102,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         qkv, _ = self.qkv(self.input_norm(x))
+        # unbind: three views whose backward writes one gradient (indexing qkv[0..2] makes
+        # three select-backward copies).
         qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv.unbind(0)
         p = self.dropout if self.training else 0.0
-        # Attention dropout acts on this rank's heads only: the per-TP-rank RNG stream.
-        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else nullcontext():
-            attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True,
-                                                  dropout_p=p)
+        core = self.core_attention
+        attn = checkpoint(core, q, k, v, p) if self.recompute_core else core(q, k, v, p)
         attn = attn.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)
         out, _ = self.proj(attn)
         x = x + F.dropout(out, self.dropout, self.training)
@@ -109,14 +116,20 @@ class Block(nn.Module):
         out, _ = self.fc2(F.gelu(hmid, approximate="tanh"))
         return x + F.dropout(out, self.dropout, self.training)
 
+    def core_attention(self, q, k, v, p: float) -> torch.Tensor:
+        """softmax(QK^T)V with dropout p: what train.recompute=selective re-runs."""
+        # Attention dropout acts on this rank's heads only: the per-TP-rank RNG stream.
+        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+
 
 class PoolGPT(nn.Module):
     """GPT whose transformer layers are ``pool[0..n_unique-1]``; see module docstring."""
 
     def __init__(self, cfg: ModelConfig, n_unique: int, dtype: torch.dtype = torch.float32,
-                 recompute: bool = False):
+                 recompute: str = "none"):
         super().__init__()
-        self.recompute = recompute
+        self.recompute = mode_of(recompute)
         mp = _mp_config(dtype)
         tp = mp.tensor_model_parallel_size
         self.cfg = cfg
@@ -131,6 +144,8 @@ class PoolGPT(nn.Module):
             self.position_embeddings = nn.Embedding(cfg.seq_len, cfg.hidden)
         block = LlamaBlock if llama else Block
         self.pool = nn.ModuleList(block(cfg, mp) for _ in range(n_unique))
+        for layer in self.pool:
+            layer.recompute_core = self.recompute == "selective"
         self.final_norm = (nn.RMSNorm(cfg.hidden, eps=cfg.layernorm_eps) if llama else
                            nn.LayerNorm(cfg.hidden, eps=cfg.layernorm_eps))
         # LM head: a column-parallel linear over the vocabulary, with its own weight or
@@ -160,27 +175,27 @@ class PoolGPT(nn.Module):
             x = x + self.position_embeddings(positions)
         x = F.dropout(x, self.cfg.dropout, self.training)
         for idx in layer_map:
-            x = run_layer(self.pool[idx], x, self.recompute and self.training)
+            x = run_layer(self.pool[idx], x, self.recompute == "full")
         x = self.final_norm(x)
         logits, _ = self.lm_head(x, weight=self.word_embeddings.weight if self.tied else None)
-        if self.has_pad:
-            logits = logits.masked_fill(self.pad_mask, float("-inf"))
+        pad = self.pad_mask if self.has_pad else None
         if labels is None:
-            return logits
-        return lm_loss(logits, labels, loss_mask)
+            return logits if pad is None else logits.masked_fill(pad, float("-inf"))
+        # the loss masks the padded rows chunk by chunk (no full-size copy of the logits)
+        return lm_loss(logits, labels, loss_mask, pad)
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """One transformer layer; with ``recompute`` its activations are rebuilt in backward."""
-    if recompute and torch.is_grad_enabled():
-        return tensor_parallel.checkpoint(layer, False, x)
-    return layer(x)
+    """One transformer layer; with ``recompute`` (and autograd on) its activations are
+    rebuilt in backward."""
+    return checkpoint(layer, x) if recompute else layer(x)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-            loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean vocab-parallel cross entropy over ``loss_mask`` (fp32 whatever the logits)."""
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
+            pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean vocab-parallel cross entropy over ``loss_mask``: fp32 math on chunks of the logits
+    in their own dtype (apollo_ds.model.loss); ``pad_mask``: padded vocabulary rows."""
+    losses = vocab_parallel_cross_entropy(logits, labels, pad_mask)
     if loss_mask is None:
         return losses.mean()
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)

@@ -22,6 +22,7 @@ from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
 from apollo_ds.config import ModelConfig, ffn_width, kv_heads_of
+from apollo_ds.model.recompute import checkpoint
 
 
 def _mark_tp(linear: nn.Module, dim: int) -> None:
@@ -50,6 +51,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaBlock(nn.Module):
+    recompute_core = False   # train.recompute=selective: the attention core re-runs in backward
+
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         tp = mp.tensor_model_parallel_size
@@ -96,11 +99,9 @@ class LlamaBlock(nn.Module):
         v = qkv[:, :, :, r + 1].transpose(1, 2)
         cos, sin = self._tables(s, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if r > 1:   # query head i reads key/value head i // r
-            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
         p = self.dropout if self.training else 0.0
-        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else nullcontext():
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        core = self.core_attention
+        attn = checkpoint(core, q, k, v, p) if self.recompute_core else core(q, k, v, p)
         attn = attn.transpose(1, 2).reshape(b, s, g * r * hd)
         out, _ = self.proj(attn)
         x = x + F.dropout(out, self.dropout, self.training)
@@ -109,3 +110,11 @@ class LlamaBlock(nn.Module):
         up, _ = self.up(y)
         out, _ = self.fc2(F.silu(gate) * up)
         return x + F.dropout(out, self.dropout, self.training)
+
+    def core_attention(self, q, k, v, p: float) -> torch.Tensor:
+        """softmax(QK^T)V with dropout p: what train.recompute=selective re-runs."""
+        # enable_gqa: query head i reads key/value head i // r inside the kernel, without
+        # materialising r copies of K and V.
+        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p,
+                                                  enable_gqa=self.q_per_group > 1)

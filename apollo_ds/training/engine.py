@@ -129,6 +129,10 @@ def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist,
     t = cfg.train
     if groups is None:
         groups = param_groups(model, t.weight_decay)
+    if dist.on_cuda:
+        # TF32 tensor cores for fp32 matmuls and convolutions (fp32 configs; no effect on bf16)
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
     optimizer = None
     if "optimizer" not in ds:
         # The fused (multi-tensor, single-kernel) AdamW on CUDA; the same math on CPU.
