@@ -1,18 +1,19 @@
 """Every input of a run checked before any work starts: pretrain.py calls ``check_inputs`` in
 each process before process groups, engines or datasets exist. Config and DeepSpeed config,
-launch environment, output directory, data and tokenizer, and the checkpoint a rerun would
-resume from. A refusal is one ConfigError line naming the file or setting and the fix
-(pretrain.py exits 2). Nothing is written: the out_dir probe creates and removes one
-temporary file; checkpoints are checked against their manifest's sizes (the checksums are
-verified later, split over the ranks)."""
+launch environment, output directory (rank 0 locks it for the life of the run: one writer),
+data and tokenizer, and the checkpoint a rerun would resume from. A refusal is one ConfigError
+line naming the file or setting and the fix (pretrain.py exits 2). Nothing is written but the
+run lock (on a refusal its file is removed again, or its old text restored): the out_dir probe
+creates and removes one temporary file; checkpoints are checked against their manifest's sizes
+(the checksums are verified later, split over the ranks)."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import tempfile
 
+from apollo_ds import rundir
 from apollo_ds.config import ConfigError, RunConfig, validate
 
 ACCELERATORS = ("cuda", "cpu")
@@ -30,10 +31,18 @@ def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
     check_writable("train.out_dir", cfg.train.out_dir)
     if cfg.data.cache_dir:
         check_writable("data.cache_dir", cfg.data.cache_dir)
-    check_data_inputs(cfg)
-    layout = {"dp": dp, "tp": p.tp, "pp": p.pp, "zero": zero_stage(ds),
-              "dtype": str(model_dtype(ds))}
-    check_resume(cfg, layout, layout_known=world is not None)
+    # one writer per run directory, taken before the checkpoint is read (another run could be
+    # writing it); a refusal below leaves the disk as it was
+    lock = lock_run_dir(cfg.train.out_dir) if rank == 0 else None
+    try:
+        check_data_inputs(cfg)
+        layout = {"dp": dp, "tp": p.tp, "pp": p.pp, "zero": zero_stage(ds),
+                  "dtype": str(model_dtype(ds))}
+        check_resume(cfg, layout, layout_known=world is not None)
+    except BaseException:
+        if lock is not None:
+            lock.release(undo=True)
+        raise
 
 
 # ------------------------------------------------------------------ launch environment
@@ -124,60 +133,47 @@ def check_writable(setting: str, path: str) -> None:
 
 
 # ------------------------------------------------------------------ the checkpoint to resume
-def _size_problem(tag_dir: str) -> str | None:
-    from apollo_ds.training.checkpoint import MANIFEST, RUN_STATE
-    try:
-        with open(os.path.join(tag_dir, RUN_STATE)) as f:
-            json.load(f)
-    except (OSError, ValueError) as e:
-        return f"{RUN_STATE} unreadable ({e})"
-    if not os.path.exists(os.path.join(tag_dir, MANIFEST)):
-        return None   # written before checkpoints had manifests: trusted, as find_latest does
-    try:
-        with open(os.path.join(tag_dir, MANIFEST)) as f:
-            files = json.load(f)["files"]
-        items = sorted((rel, int(meta["size"])) for rel, meta in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
-    for rel, size in items:
-        path = os.path.join(tag_dir, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        if os.path.getsize(path) != size:
-            return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {size}"
-    return None
-
-
 def check_resume(cfg: RunConfig, layout: dict, layout_known: bool = True) -> None:
     """The checkpoint find_latest would pick (newest first, falling back as it does) must
     exist in full and be one this run can continue (training.resume.check). Without a
     launcher-reported world size the layout is a guess: its checks are left to the Trainer."""
-    from apollo_ds.training import checkpoint, resume
-    ckpt_dir = os.path.join(cfg.train.out_dir, "checkpoints")
-    marker = os.path.join(ckpt_dir, checkpoint.LATEST)
-    if not os.path.isfile(marker):
+    from apollo_ds.training import resume
+    ckpt_dir = rundir.checkpoints_dir(cfg.train.out_dir)
+    tags, note = rundir.candidates(ckpt_dir)
+    if not tags and note is None:
         return
-    with open(marker) as f:
-        latest = f.read().strip()
-    candidates = [latest] + [t for t in checkpoint.complete_tags(ckpt_dir) if t < latest]
     first = None
-    for tag in dict.fromkeys(candidates):
+    for tag in tags:
         tag_dir = os.path.join(ckpt_dir, tag)
-        problem = _size_problem(tag_dir)
+        problem = rundir.manifest_problem(tag_dir, share=None)   # sizes: checksums come later
         if problem is None:
             break
         first = first or f"{tag}: {problem}"
     else:
-        raise ConfigError(f"no valid checkpoint in {ckpt_dir} ({checkpoint.LATEST} names "
-                          f"{latest}; {first}; no older one is complete); restore the file or "
-                          f"move {ckpt_dir} away to start fresh")
-    with open(os.path.join(tag_dir, checkpoint.RUN_STATE)) as f:
-        state = json.load(f)
+        head = note or f"{rundir.LATEST} names {rundir.read_latest(ckpt_dir)}"
+        first = first or "nothing to try"
+        raise ConfigError(f"no valid checkpoint in {ckpt_dir} ({head}; {first}; no older one is "
+                          f"complete); restore the file or move {ckpt_dir} away to start fresh")
+    state = rundir.read_run_state(tag_dir)
     verdict = resume.check(state, cfg, layout, tag_dir)
     if verdict.same_layout or not layout_known:
         return
-    from apollo_ds.training import portable   # (imports megatron-core: only when needed)
-    if not portable.has_portable(tag_dir):
-        raise ConfigError(f"checkpoint {tag_dir} has no layout-free state ({portable.PARAMS}/),"
+    if not rundir.has_params(tag_dir):
+        raise ConfigError(f"checkpoint {tag_dir} has no layout-free state ({rundir.PARAMS}/),"
                           f" so it resumes only under the layout that wrote it: "
                           f"{state.get('layout')}; launch that layout")
+
+
+# ------------------------------------------------------------------ one run per out_dir
+_held: rundir.RunLock | None = None
+
+
+def lock_run_dir(out_dir: str) -> rundir.RunLock:
+    """Rank 0 locks OUT_DIR/run.lock for the rest of the process (a second run there is
+    refused, naming the holder). A lock this process took earlier (in-process callers) is
+    released first."""
+    global _held
+    if _held is not None:
+        _held.release()
+    _held = rundir.RunLock(out_dir).acquire()
+    return _held

@@ -14,6 +14,7 @@ import time
 import torch
 from megatron.core import tensor_parallel
 
+from apollo_ds import rundir
 from apollo_ds.apollo import StageSchedule
 from apollo_ds.config import ConfigError, RunConfig
 from apollo_ds.data import build_datasets
@@ -44,7 +45,7 @@ class Trainer:
         self.schedule = StageSchedule(cfg, dist.dp)
         self.ds_config = load_ds_config(cfg, dist.dp)
         self.zero = zero_stage(self.ds_config)
-        self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
+        self.ckpt_dir = rundir.checkpoints_dir(t.out_dir)
         self.grad_accum = t.global_batch // (t.micro_batch * dist.dp)
         valid_samples = t.eval_iters * t.global_batch
         self.train_ds, self.valid_ds = build_datasets(cfg, t.steps * t.global_batch,
@@ -69,9 +70,9 @@ class Trainer:
                 self.runtime.build(n_unique, step_offsets=offsets)
                 checkpoint.load(self.engine, self.ckpt_dir, tag)
             else:
-                if not portable.has_portable(tag_dir):
+                if not rundir.has_params(tag_dir):
                     raise ConfigError(f"checkpoint {tag_dir} has no layout-free state "
-                                      f"({portable.PARAMS}/), so it resumes only under the "
+                                      f"({rundir.PARAMS}/), so it resumes only under the "
                                       f"layout that wrote it: {state.get('layout')}")
                 st = portable.PortableState(tag_dir, cfg.model, dist.tp, dist.tp_rank)
                 self.runtime.build(n_unique, st, st.optimizer_step, offsets)
@@ -208,11 +209,10 @@ class Trainer:
                                    f"skipped ({self.consecutive_skips} in a row, "
                                    f"train.max_skipped={t.max_skipped})")
             return
-        latest = os.path.join(self.ckpt_dir, checkpoint.LATEST)
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                good = (f"the newest checkpoint {os.path.join(self.ckpt_dir, f.read().strip())}"
-                        f" is the last good state, untouched (rerun resumes from it)")
+        latest = rundir.read_latest(self.ckpt_dir)
+        if latest:
+            good = (f"the newest checkpoint {os.path.join(self.ckpt_dir, latest)} is the last "
+                    f"good state, untouched (rerun resumes from it)")
         else:
             good = f"no checkpoint was written yet in {self.ckpt_dir}"
         head = (f"non-finite {' and '.join(what)} {where}" if t.on_nonfinite == "stop" else

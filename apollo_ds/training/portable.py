@@ -21,14 +21,13 @@ from collections.abc import Mapping
 
 import torch
 
+from apollo_ds import rundir
 from apollo_ds.distributed import all_gather_tensor
 from apollo_ds.flops import padded_vocab
 from apollo_ds.model.gpt import is_vocab_rows
 from apollo_ds.training.state import optimizer_step_count, read_entry, relink_optimizer_state
 
-PARAMS = "params"
-INDEX = "index.json"
-VOCAB_PARAM = "word_embeddings.weight"
+PARAMS, INDEX = rundir.PARAMS, rundir.INDEX
 
 
 def _partition_dim(p) -> int | None:
@@ -104,44 +103,26 @@ def _meta(name: str, p, tp: int, vocab_size: int) -> dict:
 
 
 def has_portable(tag_dir: str) -> bool:
-    return os.path.isfile(os.path.join(tag_dir, PARAMS, INDEX))
+    return rundir.has_params(tag_dir)
 
 
 class PortableState(Mapping):
     """name -> this rank's {"param", "exp_avg", "exp_avg_sq"} (its tensor-parallel slice of
     the full fp32 tensors, vocabulary padded for its TP size), read from the files on access
-    and not kept: pass it to ``Runtime.build`` as the state to start from."""
+    (rundir.ParamReader: shapes checked) and not kept: pass it to ``Runtime.build`` as the
+    state to start from."""
 
     def __init__(self, tag_dir: str, model_cfg, tp: int, tp_rank: int):
-        self.dir = os.path.join(tag_dir, PARAMS)
-        with open(os.path.join(self.dir, INDEX)) as f:
-            self.index = json.load(f)
-        self.params = self.index["params"]
-        self.optimizer_step = int(self.index["optimizer_step"])
+        self.reader = rundir.ParamReader(tag_dir)
+        self.optimizer_step = self.reader.optimizer_step
         self.tp, self.tp_rank = tp, tp_rank
         self.padded_vocab = padded_vocab(model_cfg.vocab_size, model_cfg.pad_vocab_to, tp)
 
     def __iter__(self):
-        return iter(self.params)
+        return iter(self.reader.names)
 
     def __len__(self) -> int:
-        return len(self.params)
+        return len(self.reader.names)
 
     def __getitem__(self, name: str) -> dict:
-        if name not in self.params:
-            raise KeyError(f"{self.dir} holds no parameter {name!r}: it was written by another "
-                           f"model")
-        meta = self.params[name]
-        entry = torch.load(os.path.join(self.dir, name + ".pt"), map_location="cpu",
-                           mmap=True, weights_only=True)
-        out = {}
-        for key, t in entry.items():
-            if meta.get("vocab_rows", name == VOCAB_PARAM) and t.shape[0] < self.padded_vocab:
-                pad = torch.zeros((self.padded_vocab - t.shape[0],) + tuple(t.shape[1:]),
-                                  dtype=t.dtype)
-                t = torch.cat([t, pad])
-            dim = meta["partition_dim"]
-            if dim is not None and self.tp > 1:
-                t = t.chunk(self.tp, dim=dim)[self.tp_rank]
-            out[key] = t.contiguous().clone()
-        return out
+        return self.reader.read(name, self.tp, self.tp_rank, padded_rows=self.padded_vocab)

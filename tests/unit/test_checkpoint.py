@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from apollo_ds import rundir
 from apollo_ds.config import ConfigError
 from apollo_ds.training import checkpoint as ck
 
@@ -29,11 +30,11 @@ def save(tmp_path, step, keep=0):
 
 def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
     tag = save(tmp_path, 5)
-    man = json.loads((tmp_path / tag / ck.MANIFEST).read_text())
-    assert sorted(man["files"]) == sorted(["mp_rank_00_model_states.pt", ck.RUN_STATE,
+    man = json.loads((tmp_path / tag / rundir.MANIFEST).read_text())
+    assert sorted(man["files"]) == sorted(["mp_rank_00_model_states.pt", rundir.RUN_STATE,
                                            "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
     assert man["files"]["mp_rank_00_model_states.pt"]["size"] == 3000
-    assert (tmp_path / ck.LATEST).read_text() == "step_0000005"
+    assert (tmp_path / rundir.LATEST).read_text() == "step_0000005"
     assert ck.verify(str(tmp_path / tag)) is None
     assert ck.find_latest(str(tmp_path)) == ("step_0000005", {"step": 5, "n_unique": 1})
 
@@ -53,8 +54,8 @@ def test_damaged_newest_falls_back_to_older(damage, tmp_path, capsys):
     elif damage == "delete":
         opt.unlink()
     else:   # killed before the manifest (and so before `latest`) was written
-        (bad / ck.MANIFEST).unlink()
-        (bad / ck.RUN_STATE).unlink()
+        (bad / rundir.MANIFEST).unlink()
+        (bad / rundir.RUN_STATE).unlink()
     assert ck.find_latest(str(tmp_path))[0] == "step_0000005"
     if damage != "no_manifest":
         assert "step_0000010 is corrupt or truncated" in capsys.readouterr().err
@@ -72,11 +73,38 @@ def test_keep_newest_k_never_the_latest(tmp_path):
         save(tmp_path, s, keep=2)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000015", "step_0000020"]
     # `latest` pointing at an older tag (as after a fallback) protects that tag
-    (tmp_path / ck.LATEST).write_text("step_0000015")
-    assert ck.prune(str(tmp_path), 1) == []
+    (tmp_path / rundir.LATEST).write_text("step_0000015")
+    assert rundir.prune(str(tmp_path), 1) == []
     save(tmp_path, 25, keep=1)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step_0000025"]
 
 
 def test_fresh_directory_has_no_checkpoint(tmp_path):
     assert ck.find_latest(str(tmp_path / "none")) is None
+
+
+@pytest.mark.parametrize("latest", ["", "garbage", "step_0000099"])
+def test_unusable_latest_names_the_complete_tags_and_falls_back(latest, tmp_path, capsys):
+    save(tmp_path, 5)
+    save(tmp_path, 10)
+    (tmp_path / rundir.LATEST).write_text(latest)
+    assert ck.find_latest(str(tmp_path)) == ("step_0000010", {"step": 10, "n_unique": 1})
+    err = capsys.readouterr().err
+    what = "is empty" if not latest else f"names '{latest}', which is not a checkpoint here"
+    assert err == (f"warning: {tmp_path / rundir.LATEST} {what}; the complete checkpoints are "
+                   f"step_0000010, step_0000005; resuming from the newest one that verifies\n")
+
+
+def test_no_valid_checkpoint_lists_each_tag_and_what_is_wrong(tmp_path, capsys):
+    save(tmp_path, 5)
+    save(tmp_path, 10)
+    (tmp_path / rundir.LATEST).write_text("")
+    for tag in ("step_0000005", "step_0000010"):
+        (tmp_path / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    with pytest.raises(ConfigError) as e:
+        ck.find_latest(str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"no valid checkpoint in {tmp_path} ({tmp_path / rundir.LATEST} is "
+                          f"empty; the complete checkpoints are step_0000010, step_0000005; ")
+    assert ("step_0000010: mp_rank_00_model_states.pt has 1 bytes, the manifest says 3000; "
+            "step_0000005: mp_rank_00_model_states.pt has 1 bytes") in msg
