@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apollo_ds.model import cpu_compat
+from apollo_ds import cpu_compat
 
 
 @dataclass

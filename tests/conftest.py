@@ -146,7 +146,7 @@ def single_process_group():
     model tests."""
     import torch.distributed as tdist
     from megatron.core import parallel_state
-    from apollo_ds.model import cpu_compat
+    from apollo_ds import cpu_compat
     cpu_compat.apply()
     if not tdist.is_initialized():
         tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",

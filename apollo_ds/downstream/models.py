@@ -43,7 +43,7 @@ def _single_process_group() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from apollo_ds.model import cpu_compat
+    from apollo_ds import cpu_compat
     if not torch.cuda.is_available():
         cpu_compat.apply()
     if not dist.is_initialized():

@@ -154,7 +154,7 @@ class PipelineRuntime(Runtime):
     def full_weights_per_stage(self) -> tuple[dict, list[dict]]:
         """(full weights with PoolGPT's names, each pool layer from its first owner stage;
         every stage's own full dict, to check that replicas are identical). Collective."""
-        from apollo_ds.convert.full_state import full_state_dict
+        from apollo_ds.training.full_state import full_state_dict
         per_stage = gather_over_pipe(full_state_dict(Canonical(self.model),
                                                      self.cfg.model.vocab_size))
         return merge_first_owner(per_stage), per_stage

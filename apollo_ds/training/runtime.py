@@ -250,7 +250,7 @@ class DataParallelRuntime(Runtime):
         return parallel_state.get_data_parallel_group()
 
     def full_weights(self) -> dict:
-        from apollo_ds.convert.full_state import full_state_dict
+        from apollo_ds.training.full_state import full_state_dict
         return full_state_dict(self.model, self.cfg.model.vocab_size)
 
 

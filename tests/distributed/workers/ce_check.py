@@ -16,7 +16,7 @@ def main():
     out = sys.argv[sys.argv.index("--out") + 1]
     from megatron.core import parallel_state, tensor_parallel
 
-    from apollo_ds.model import cpu_compat
+    from apollo_ds import cpu_compat
     from apollo_ds.model.loss import vocab_parallel_cross_entropy
     cpu_compat.apply()
     tdist.init_process_group("gloo")
