@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "tensorboard",
     "pyyaml",
     "tqdm",
+    "tokenizers>=0.20",         # tokenizer.json / GPT-2 BPE tokenizers, byte-level BPE training
+    "tiktoken>=0.7",            # tiktoken encoding files as data.tokenizer
 ]
 
 setup(
@@ -23,6 +25,8 @@ setup(
     description="Apollo progressive training (LVPS depth sampling, interpolation growth) "
                 "for GPT on DeepSpeed and megatron-core",
     packages=find_packages(include=["apollo_ds", "apollo_ds.*"]),
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

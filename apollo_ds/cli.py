@@ -4,6 +4,7 @@
     apollo-ds eval --checkpoint DIR (--data PREFIX [--split 98,2,0] | --text FILE...) [--json]
     apollo-ds generate --checkpoint DIR --prompt TEXT [--prompt ...] [--max-new-tokens N]
         [--temperature T --top-k K --top-p P --seed S] [--repetition-penalty R]
+    apollo-ds preprocess | train-tokenizer | fetch-corpus ...   (the data tools; --help each)
 
 ``eval`` and ``generate`` take a run's train.out_dir (any layout), a checkpoint tag directory
 or a Hugging Face export (apollo_ds.convert.to_hf) and run in this one process.
@@ -178,11 +179,27 @@ def _parser() -> argparse.ArgumentParser:
                     help="divide the logits of tokens already in the context (HF's "
                          "repetition_penalty; 1: none)")
     ge.set_defaults(func=_cmd_generate)
+    for name, (_, what) in DATA_TOOLS.items():    # listed in --help; run by main() itself
+        sub.add_parser(name, help=what, add_help=False)
     return p
+
+
+# The data tools keep their own option parsers (also run as data_prep/*.py scripts).
+DATA_TOOLS = {"preprocess": ("apollo_ds.data.prep.preprocess",
+                             "tokenize text files/folders/globs into an indexed dataset"),
+              "train-tokenizer": ("apollo_ds.data.prep.train_tokenizer",
+                                  "train a SentencePiece or byte-level BPE tokenizer"),
+              "fetch-corpus": ("apollo_ds.data.prep.fetch_corpus",
+                               "build the default public-domain text corpus")}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (argparse usage errors exit 2 themselves)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DATA_TOOLS:
+        import importlib
+        tool = importlib.import_module(DATA_TOOLS[argv[0]][0])
+        return tool.main(argv[1:], prog=f"apollo-ds {argv[0]}")
     parser = _parser()
     # parse_known_args: overrides may come after --json too (argparse alone would refuse a
     # positional split by an option); anything left that looks like an option is an error.

@@ -107,8 +107,16 @@ class ParallelConfig:
 class DataConfig:
     # Either one prefix, or a Megatron-style blend list [weight, prefix, weight, prefix, ...].
     prefix: Any = None
-    tokenizer: str | None = None    # SentencePiece .model file
+    # a SentencePiece .model, a tokenizer.json (or a folder with one), GPT-2 vocab.json +
+    # merges.txt (or their folder) or a .tiktoken file; the kind is detected unless
+    # tokenizer_type names it (sentencepiece, huggingface, gpt2, tiktoken)
+    tokenizer: str | None = None
+    tokenizer_type: str = "auto"
     split: str = "98,2,0"
+    # separate held-out data (a prefix or blend, like data.prefix): when either is set,
+    # training reads all of data.prefix, evaluation all of valid_prefix; data.split is unused
+    valid_prefix: Any = None
+    test_prefix: Any = None
     cache_dir: str | None = None    # index cache; default <out_dir>/index_cache
 
 
@@ -363,7 +371,11 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
          "data.prefix is not set: give the indexed dataset prefix (PATH for PATH.bin/PATH.idx),"
          " e.g. data.prefix=data_cache/corpus_text_document (make data builds one)")
     need(not check_files or d.tokenizer not in (None, ""),
-         "data.tokenizer is not set: give the SentencePiece .model file")
+         "data.tokenizer is not set: give the tokenizer (a SentencePiece .model, a "
+         "tokenizer.json, GPT-2 vocab.json + merges.txt or a .tiktoken file)")
+    need(d.tokenizer_type in ("auto", "sentencepiece", "huggingface", "gpt2", "tiktoken"),
+         f"data.tokenizer_type='{d.tokenizer_type}' is unknown; choose auto, sentencepiece, "
+         f"huggingface, gpt2 or tiktoken")
 
     need(a.sampler in SAMPLERS, f"apollo.sampler='{a.sampler}' is unknown; choose one of "
          f"{', '.join(SAMPLERS)}")

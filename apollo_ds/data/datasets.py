@@ -90,7 +90,7 @@ def _check_split(cfg: RunConfig, info: IndexInfo) -> None:
 
 
 def _check_meta(prefix: str, tok: Tokenizer) -> None:
-    """preprocess_data.py writes PREFIX.meta.json; refuse data made with another tokenizer."""
+    """apollo-ds preprocess writes PREFIX.meta.json; refuse data made with another tokenizer."""
     path = prefix + ".meta.json"
     if not os.path.isfile(path):
         return
@@ -100,32 +100,40 @@ def _check_meta(prefix: str, tok: Tokenizer) -> None:
         want = meta["tokenizer_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    with open(tok.path, "rb") as f:
-        have = hashlib.sha256(f.read()).hexdigest()
-    if want != have:
+    if want != tok.fingerprint():
         raise ConfigError(
             f"indexed dataset {prefix} was tokenized with {meta.get('tokenizer', '?')}, a "
-            f"different model than data.tokenizer={tok.path}; set data.tokenizer to that model "
-            f"or rerun data_prep/preprocess_data.py --tokenizer-model {tok.path} "
-            f"--output-prefix {prefix}")
+            f"different model than data.tokenizer={tok.path}; set data.tokenizer to that "
+            f"one or rerun apollo-ds preprocess --tokenizer {tok.path} --output-prefix {prefix}")
 
 
 def _checked_inputs(cfg: RunConfig):
-    prefixes, weights = parse_blend(cfg.data.prefix)
+    d = cfg.data
+    prefixes, weights = parse_blend(d.prefix)
     infos = [check_indexed_dataset(p) for p in prefixes]
-    tok = load_tokenizer(cfg.data.tokenizer)
+    held_out = {}          # "valid"/"test" -> (prefixes, weights) of separate held-out data
+    for name in ("valid", "test"):
+        value = getattr(d, f"{name}_prefix")
+        if value not in (None, "", []):
+            try:
+                held_out[name] = parse_blend(value)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("data.prefix", f"data.{name}_prefix")) from None
+    tok = load_tokenizer(d.tokenizer, d.tokenizer_type)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but "
                           f"model.vocab_size={cfg.model.vocab_size}; set "
                           f"model.vocab_size>={tok.vocab_size}")
-    for info in infos:
-        _check_split(cfg, info)
+    extra = [check_indexed_dataset(p) for ps, _ in held_out.values() for p in ps]
+    for info in infos + extra:
+        if not held_out:
+            _check_split(cfg, info)
         if info.itemsize < 4 and tok.vocab_size > (1 << (8 * info.itemsize)):
             raise ConfigError(f"indexed dataset {info.prefix} stores {info.dtype} tokens, too "
                               f"narrow for tokenizer {tok.path} ({tok.vocab_size} tokens); "
-                              f"rerun data_prep/preprocess_data.py with this tokenizer")
+                              f"rerun apollo-ds preprocess with this tokenizer")
         _check_meta(info.prefix, tok)
-    return prefixes, weights, infos, tok
+    return prefixes, weights, infos, tok, held_out
 
 
 def check_data_inputs(cfg: RunConfig) -> int:
@@ -184,22 +192,30 @@ def build_datasets(cfg: RunConfig, train_samples: int, valid_samples: int):
         BlendedMegatronDatasetBuilder)
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    prefixes, weights, infos, tok = _checked_inputs(cfg)
+    prefixes, weights, infos, tok, held_out = _checked_inputs(cfg)
     if train_samples < 1:
         raise ValueError(f"train_samples={train_samples} must be >= 1")
-    has_valid = split_ranges(cfg.data.split, infos[0].sequences)[1] is not None
+    if held_out:
+        has_valid = "valid" in held_out
+        # separate held-out data: every split reads the whole of its own prefixes
+        data = dict(blend=None, split=None, blend_per_split=[
+            (prefixes, weights), held_out.get("valid"), held_out.get("test")])
+        all_prefixes = prefixes + [p for ps, _ in held_out.values() for p in ps]
+    else:
+        has_valid = split_ranges(cfg.data.split, infos[0].sequences)[1] is not None
+        data = dict(blend=(prefixes, weights), split=cfg.data.split)
+        all_prefixes = prefixes
     cache_root = cfg.data.cache_dir or os.path.join(cfg.train.out_dir, "index_cache")
     import torch.distributed as tdist
     if not tdist.is_initialized() or tdist.get_rank() == 0:
         # rank 0 builds the cache first while the others wait in mcore's barrier
-        drop_broken_cache(os.path.join(cache_root, fingerprint(prefixes)))
+        drop_broken_cache(os.path.join(cache_root, fingerprint(all_prefixes)))
     config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_len,
-        blend=(prefixes, weights),
-        split=cfg.data.split,
+        **data,
         # keyed by content too: mcore's own key is the prefix path (see indexed.fingerprint)
-        path_to_cache=os.path.join(cache_root, fingerprint(prefixes)),
+        path_to_cache=os.path.join(cache_root, fingerprint(all_prefixes)),
         tokenizer=tok,
         reset_position_ids=False,
         reset_attention_mask=False,

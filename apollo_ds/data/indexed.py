@@ -20,7 +20,7 @@ HEADER_BYTES = 34
 # mcore DType codes -> (name, itemsize); floats are valid mcore codes but not token ids.
 DTYPES = {1: ("uint8", 1), 2: ("int8", 1), 3: ("int16", 2), 4: ("int32", 4),
           5: ("int64", 8), 6: ("float64", 8), 7: ("float32", 4), 8: ("uint16", 2)}
-_FIX = "rerun data_prep/preprocess_data.py to rebuild it"
+_FIX = "rerun apollo-ds preprocess to rebuild it"
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def check_indexed_dataset(prefix: str) -> IndexInfo:
     for path in (idx, binf):
         if not os.path.isfile(path):
             raise ConfigError(f"indexed dataset file not found: {path} (data.prefix={prefix}); "
-                              f"build it with data_prep/preprocess_data.py --output-prefix "
+                              f"build it with apollo-ds preprocess --output-prefix "
                               f"{prefix}")
     size = os.path.getsize(idx)
 

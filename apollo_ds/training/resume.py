@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from apollo_ds.config import ConfigError, RunConfig, stage_end_steps
+from apollo_ds.data.tokenizer import fingerprint as tokenizer_fingerprint
 
 # train.* settings a resumed run may not change (the rest are accepted and reported)
 _FIXED_TRAIN = ("seed", "global_batch")
@@ -66,7 +67,8 @@ def record(cfg: RunConfig, layout: dict) -> dict:
             "data": {"prefix": cfg.data.prefix, "split": cfg.data.split,
                      "tokenizer": os.path.abspath(cfg.data.tokenizer) if cfg.data.tokenizer
                      else None,
-                     "tokenizer_sha256": _sha256(cfg.data.tokenizer),
+                     "tokenizer_sha256": tokenizer_fingerprint(cfg.data.tokenizer,
+                                                               cfg.data.tokenizer_type),
                      "fingerprint": data_fingerprint(cfg.data.prefix)}}
 
 
@@ -96,7 +98,7 @@ def check(state: dict, cfg: RunConfig, layout: dict, where: str) -> Verdict:
     refused += [(f"train.{k}", saved_train[k], train[k]) for k in _FIXED_TRAIN
                 if k in saved_train and saved_train[k] != train[k]]
     data = state.get("data", {})
-    new_tok = _sha256(cfg.data.tokenizer)
+    new_tok = tokenizer_fingerprint(cfg.data.tokenizer, cfg.data.tokenizer_type)
     if data.get("tokenizer_sha256") and data["tokenizer_sha256"] != new_tok:
         refused.append(("data.tokenizer", f"{data.get('tokenizer')} (sha256 "
                         f"{data['tokenizer_sha256'][:12]})", f"{cfg.data.tokenizer} (sha256 "

@@ -232,7 +232,7 @@ def test_damaged_dataset_refused(data, tmp_path, damage, message):
         os.remove(p + (".bin" if damage == "missing_bin" else ".idx"))
     with pytest.raises(ConfigError, match=message) as e:
         check_indexed_dataset(p)
-    assert "preprocess_data.py" in str(e.value)
+    assert "apollo-ds preprocess" in str(e.value)
     with pytest.raises(ConfigError, match=message):
         check_data_inputs(make_cfg(data, p))
 

@@ -1,0 +1,1 @@
+"""The data tools (``apollo-ds preprocess``, ``train-tokenizer``, ``fetch-corpus``)."""
