@@ -11,16 +11,43 @@ DATA := $(CACHE)/data
 BENCH := $(CACHE)/bench
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv data demo-data demo test test-all test-slow bench gpu-check plan clean
+.PHONY: venv data demo-data demo test test-all test-slow bench gpu-check plan clean wheelhouse \
+	install-offline
 
 venv: $(STAMP)
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# torch first: the pinned CPU wheel; later packages must not pull a CUDA build.
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(VPY) -m pip install -q -e '.[mpi,test]'
+	DS_BUILD_OPS=0 $(VPY) -m pip install -q -c constraints.txt -e '.[mpi,test,tensorboard]'
 	touch $(STAMP)
+
+# Offline install onto a machine's own CUDA PyTorch (torch >=2.11,<2.14; no network there).
+# Here, where PyPI is reachable: every other wheel apollo_ds needs, for PYTHON_VERSION, minus
+# what torch==TORCH_VERSION's own install brings and PREINSTALLED (globs, comma separated);
+# refused when over WHEELHOUSE_MAX_MIB. There: make install-offline PY=python3 (TARGET=dir:
+# into a folder for PYTHONPATH instead of the interpreter), then make gpu-check PY=python3.
+PYTHON_VERSION ?= 3.12
+TORCH_VERSION ?= 2.11.0
+PREINSTALLED ?=
+WHEELS ?= wheelhouse
+WHEELHOUSE_MAX_MIB ?= 60
+TARGET ?=
+
+wheelhouse: $(STAMP)
+	$(VPY) tools/wheelhouse.py --python-version $(PYTHON_VERSION) --torch $(TORCH_VERSION) \
+		--out $(WHEELS) --max-mib $(WHEELHOUSE_MAX_MIB) --preinstalled '$(PREINSTALLED)'
+
+# Into the interpreter: pip resolves against its installed torch, which satisfies
+# torch>=2.11,<2.14 and is never touched (the wheelhouse holds no torch to replace it with).
+# Into TARGET: pip ignores what is installed there, so every wheel goes in as is (--no-deps;
+# the wheelhouse is exactly the closure minus torch's own).
+install-offline:
+	$(PY) -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+	$(if $(TARGET),$(PY) -m pip install --no-index --no-deps --target $(TARGET) $(WHEELS)/*.whl,\
+		$(PY) -m pip install --no-index --find-links $(WHEELS) apollo_ds)
+	$(PY) -c 'import torch; print("torch after install:", torch.__version__)'
 
 # Corpus -> tokenizer -> indexed dataset, as file dependencies: a rebuilt corpus rebuilds what
 # depends on it, and a rerun with everything present does nothing.
@@ -78,14 +105,15 @@ bench: data
 
 # One bounded check on a CUDA GPU (sized for < 8 min on an H100/H200): throughput, MFU and
 # memory, pool overhead, expansion cost, exact resume. No $(STAMP) prerequisite: the venv
-# recipe pins the CPU torch wheel, which would replace a CUDA build (on a GPU machine with its
-# own Python: make gpu-check VPY=python). env -u: a DS_ACCELERATOR=cpu exported into make
-# would force the CPU.
+# recipe pins the CPU torch wheel, which would replace a CUDA build. PY=python3: a machine's
+# own CUDA Python after make install-offline (default: the venv's). env -u: a
+# DS_ACCELERATOR=cpu exported into make would force the CPU.
+GPU_PY = $(if $(filter command line,$(origin PY)),$(PY),$(VPY))
 gpu-check:
-	env -u DS_ACCELERATOR $(VPY) benchmarks/gpu_check.py --out runs/gpu_check.json
+	env -u DS_ACCELERATOR $(GPU_PY) benchmarks/gpu_check.py --out runs/gpu_check.json
 
 plan: $(STAMP)
 	$(VENV)/bin/apollo-ds plan --config configs/tiny_cpu.yaml
 
 clean:
-	rm -rf runs build *.egg-info
+	rm -rf runs build *.egg-info wheelhouse

@@ -1,18 +1,19 @@
 """apollo_ds: Apollo progressive pretraining of GPT models on DeepSpeed + megatron-core."""
 from setuptools import find_packages, setup
 
-# Pinned so a CPU clone reproduces the tested stack; on a CUDA cluster install a CUDA torch
-# first (see README), then `pip install -e .`: torch==2.13.0 is then already satisfied.
+# Ranges, not pins: installing into a machine's own CUDA PyTorch (an NGC container, a cluster
+# module) must never replace its torch. The tested set is pinned in constraints.txt (pip -c);
+# the CPU torch build the tests use is pinned in the Makefile's venv recipe. torch >= 2.11:
+# apollo_ds uses no torch API newer than 2.11.
 INSTALL_REQUIRES = [
-    "torch==2.13.0",
-    "deepspeed==0.19.8",
-    "megatron-core==0.16.1",
-    "sentencepiece==0.2.3",
-    "numpy==2.4.6",
-    "mpi4py==4.1.2",
-    "transformers==5.24.0",
-    "accelerate==1.16.0",        # transformers.Trainer (examples/finetune_hf.py)
-    "tensorboard",
+    "torch>=2.11,<2.14",
+    "deepspeed>=0.19.8,<0.20",
+    "megatron-core>=0.16.1,<0.17",
+    "sentencepiece>=0.2",
+    "numpy>=1.26",
+    "mpi4py>=4.0",
+    "transformers>=5.0,<6",
+    "accelerate>=1.0",          # transformers.Trainer (examples/finetune_hf.py)
     "pyyaml",
     "tqdm",
     "tokenizers>=0.20",         # tokenizer.json / GPT-2 BPE tokenizers, byte-level BPE training
@@ -30,8 +31,11 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "mpi": ["mpich==5.0.2"],   # a pip-installed MPI runtime for mpi4py / mpirun
+        "mpi": ["mpich>=4"],       # a pip-installed MPI runtime for mpi4py / mpirun
         "test": ["pytest", "pytest-timeout", "matplotlib"],
+        # optional: metrics.jsonl is always written; TensorBoard event files when installed
+        # (left out of the offline wheelhouse: with grpcio and pillow it is 20 MiB)
+        "tensorboard": ["tensorboard"],
     },
     entry_points={
         "console_scripts": [

@@ -19,7 +19,7 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:  # tensorboard is a dependency, but logging must never stop a run
+        except ImportError:  # tensorboard is optional (pip extra [tensorboard]); metrics.jsonl is not
             self.tb = None
 
     def _truncate_after(self, step: int) -> None:
