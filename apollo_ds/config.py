@@ -19,7 +19,7 @@ OPTIMIZER_STATE_MODES = ("copy", "copy_scaled", "reset", "release")
 UPDATE_SCALES = ("none", "inv_uses")
 LR_SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "torch_adam")
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -142,7 +142,9 @@ class TrainConfig:
     deepspeed_config: str = "ds_configs/zero1_fp32.json"
     stop_after: int = 0             # >0: stop (with a checkpoint) after this step; for tests
     check_plan_agreement: bool = False
-    recompute: str = "none"         # full: re-run every transformer layer in backward
+    # activation recompute: full re-runs every transformer layer in backward, selective only
+    # the attention core (softmax(QK^T)V), none keeps every activation
+    recompute: str = "none"
     keep_checkpoints: int = 0       # >0: keep only the newest K checkpoints (0: keep all)
     # A step whose loss or gradient norm is NaN/inf never reaches the optimizer. stop: exit 3,
     # the newest checkpoint untouched; skip: drop the step (no update; its data is consumed)
@@ -355,7 +357,8 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     need(t.optimizer in OPTIMIZERS, f"train.optimizer='{t.optimizer}' is unknown; "
          f"choose one of {', '.join(OPTIMIZERS)}")
     need(t.recompute in RECOMPUTE, f"train.recompute='{t.recompute}' is unknown; choose one "
-         f"of {', '.join(RECOMPUTE)} (full: recompute every layer's activations in backward)")
+         f"of {', '.join(RECOMPUTE)} (selective: recompute the attention core in backward; "
+         f"full: every transformer layer)")
     need(t.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite='{t.on_nonfinite}' is unknown; "
          f"choose one of {', '.join(ON_NONFINITE)} (skip drops a non-finite step, stop exits)")
     for name in ("save_interval", "eval_interval", "stop_after", "keep_checkpoints",

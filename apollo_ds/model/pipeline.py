@@ -44,6 +44,7 @@ from apollo_ds.flops import padded_vocab as padded_vocab_size
 from apollo_ds.model.gpt import (Block, _mark_tp, _mp_config, _no_init, lm_loss, mark_vocab_rows,
                                  register_pad_mask, run_layer)
 from apollo_ds.model.llama import LlamaBlock
+from apollo_ds.model.recompute import mode_of
 
 # The parameters a pool replica ties across stages, by architecture (checked against the
 # built layer, so a changed layer cannot silently leave a parameter untied).
@@ -144,10 +145,11 @@ class _Replica:
     the parameter names are the layer's own."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, index: int, n_unique: int,
-                 num_stages: int, stage: int, cursor: DepthCursor, recompute: bool):
+                 num_stages: int, stage: int, cursor: DepthCursor, recompute: str):
         super().__init__(cfg, _mp_config(dtype))
         self.index, self.n_unique, self.num_stages, self.stage = index, n_unique, num_stages, stage
-        self.cursor, self.recompute = cursor, recompute
+        self.cursor, self.recompute = cursor, mode_of(recompute)
+        self.recompute_core = self.recompute == "selective"
         assert [n for n, _ in self.named_parameters()] == BLOCK_PARAMS[cfg.arch]
 
     def repeats(self, d: int) -> int:
@@ -161,7 +163,7 @@ class _Replica:
             x = x + 0.0 * sum(p.sum() for p in self.parameters())
         layer = super().forward   # the architecture's layer (next in the MRO)
         for _ in range(count):
-            x = run_layer(layer, x, self.recompute and self.training)
+            x = run_layer(layer, x, self.recompute == "full")
         return x
 
 
@@ -231,7 +233,7 @@ def pipe_loss(logits: torch.Tensor, labels) -> torch.Tensor:
 # ------------------------------------------------------------------ the module
 class PipeGPT(PipelineModule):
     def __init__(self, cfg: ModelConfig, n_unique: int, topology, grow: str = "interpolate",
-                 dtype: torch.dtype = torch.float32, recompute: bool = False):
+                 dtype: torch.dtype = torch.float32, recompute: str = "none"):
         if grow != "interpolate":
             raise ValueError("pipeline parallelism needs apollo.grow=interpolate (a monotone "
                              "layer map)")

@@ -34,7 +34,7 @@ class Runtime:
         self.cfg, self.dist, self.ds_config = cfg, dist, ds_config
         self.train_ds, self.valid_ds = train_ds, valid_ds
         self.dtype = model_dtype(ds_config)
-        self.recompute = cfg.train.recompute == "full"
+        self.recompute = cfg.train.recompute   # none | selective | full
         t = cfg.train
         self.grad_accum = t.global_batch // (t.micro_batch * dist.dp)
         self.model = self.engine = None
