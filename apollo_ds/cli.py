@@ -2,8 +2,8 @@
 
     apollo-ds plan --config configs/X.yaml [section.key=value ...] [--json]
     apollo-ds eval --checkpoint DIR (--data PREFIX [--split 98,2,0] | --text FILE...) [--json]
-    apollo-ds generate --checkpoint DIR --prompt TEXT [--prompt ...] [--max-new-tokens N]
-        [--temperature T --top-k K --top-p P --seed S] [--repetition-penalty R]
+    apollo-ds generate --checkpoint DIR (--prompt TEXT ... | --prompts FILE) [--max-new-tokens N]
+        [--temperature T --top-k K --top-p P --seed S] [--repetition-penalty R] [--batch B]
     apollo-ds preprocess | train-tokenizer | fetch-corpus ...   (the data tools; --help each)
 
 ``eval`` and ``generate`` take a run's train.out_dir (any layout), a checkpoint tag directory
@@ -118,16 +118,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    for path in args.prompts or []:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [ln.rstrip("\n").replace("\\n", "\n") for ln in f]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompts {path}: cannot read it ({e})") from None
+        found = [ln for ln in lines if ln.strip()]
+        if not found:
+            raise ConfigError(f"--prompts {path} holds no prompts (one a line)")
+        prompts += found
+    if not prompts:
+        raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE (one a line)")
+    for p in prompts:
+        if not p.strip():
+            raise ConfigError("--prompt '': a prompt must have some text")
+    return prompts
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from apollo_ds.downstream.generate import generate
+    from apollo_ds.downstream.generate import check_options, generate_batch
     from apollo_ds.downstream.models import load
-    if args.repetition_penalty <= 0:
-        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be > 0 "
-                          f"(1: none; 1.2-1.5 discourages loops)")
+    # bad options are refused before the (slow) model load
+    check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                  args.repetition_penalty)
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be >= 1")
+    prompts = _prompts(args)
     model = load(args.checkpoint, args.tokenizer)
-    out = [generate(model, p, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                    args.seed + i, repetition_penalty=args.repetition_penalty)
-           for i, p in enumerate(args.prompt)]
+    out = []
+    for i in range(0, len(prompts), args.batch):
+        out += generate_batch(model, prompts[i:i + args.batch], args.max_new_tokens,
+                              args.temperature, args.top_k, args.top_p, args.seed + i,
+                              repetition_penalty=args.repetition_penalty,
+                              use_cache=not args.no_cache)
     if args.json:
         print(json.dumps(out, indent=1))
     else:
@@ -140,8 +166,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a run's train.out_dir, a checkpoint tag directory, or an exported "
                         "Hugging Face directory")
-    p.add_argument("--tokenizer", metavar="PATH.model",
-                   help="SentencePiece model for a native checkpoint (default: the run's)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer of a native checkpoint (default: the run's data.tokenizer)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -169,7 +195,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
     ge = sub.add_parser("generate", help="continue prompts, greedy or sampled")
     _model_args(ge)
-    ge.add_argument("--prompt", action="append", required=True, help="repeat for several")
+    ge.add_argument("--prompt", action="append", help="repeat for several")
+    ge.add_argument("--prompts", action="append", metavar="FILE",
+                    help="a file of prompts, one a line (a literal \\n is a newline)")
+    ge.add_argument("--batch", type=int, default=8, help="prompts decoded together (default 8)")
+    ge.add_argument("--no-cache", action="store_true",
+                    help="re-run the whole context every token (no key/value cache)")
     ge.add_argument("--max-new-tokens", type=int, default=32)
     ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ge.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: all)")

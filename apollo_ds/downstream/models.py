@@ -27,6 +27,7 @@ class LoadedModel:
     encode: object          # str -> list[int]
     decode: object          # list[int] -> str
     _forward: object        # [b, s] long -> [b, s, vocab] float
+    decoder: object = None  # () -> a kv_cache decoder (start/step) over the same weights
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -84,12 +85,16 @@ def _load_native(path: str, tokenizer: str | None, device: str) -> LoadedModel:
     if not tok_path:
         raise ConfigError(f"{tag_dir} does not record its tokenizer; pass --tokenizer PATH.model")
     tok = load_tokenizer(tok_path)
+    from apollo_ds.downstream.kv_cache import NativeDecoder
     return LoadedModel("native", tag_dir, cfg.seq_len, cfg.vocab_size, tok.eod, tok.encode,
-                       tok.decode, lambda t: model(t.to(device), lmap))
+                       tok.decode, lambda t: model(t.to(device), lmap),
+                       lambda: NativeDecoder(model, lmap))
 
 
 def _load_hf(path: str, device: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apollo_ds.downstream.kv_cache import HFDecoder
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                      dtype=torch.float32)
@@ -104,7 +109,8 @@ def _load_hf(path: str, device: str) -> LoadedModel:
     return LoadedModel("hf", path, int(seq), int(conf["vocab_size"]), tok.eos_token_id,
                        lambda s: tok.encode(s, add_special_tokens=False),
                        lambda ids: tok.decode(ids),
-                       lambda t: model(t.to(device)).logits)
+                       lambda t: model(t.to(device)).logits,
+                       lambda: HFDecoder(model, int(conf["vocab_size"])))
 
 
 def load(path: str, tokenizer: str | None = None, device: str | None = None) -> LoadedModel:
