@@ -149,7 +149,7 @@ def _init_process_group(on_cpu: bool, device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
-def init(tp: int = 1, pp: int = 1) -> Dist:
+def init(tp: int = 1, pp: int = 1, seed: int = 0) -> Dist:
     on_cpu = cpu_compat.apply()
     _discover_env()
     from megatron.core import parallel_state
@@ -168,6 +168,12 @@ def init(tp: int = 1, pp: int = 1) -> Dist:
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                  pipeline_model_parallel_size=pp)
+    # Seed the default generator and megatron-core's model-parallel RNG tracker before any
+    # model exists: a forward with dropout on (the priming step of a reshaped resume) forks the
+    # tracker and fails on an unseeded one. The Trainer reseeds both from train.seed before
+    # every step, so this value only feeds forwards that precede the first step.
+    from megatron.core import tensor_parallel
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device, tp=tp, pp=pp,
                 dp=parallel_state.get_data_parallel_world_size(),
                 dp_rank=parallel_state.get_data_parallel_rank(),

@@ -4,6 +4,7 @@ uninterrupted run's losses (rel 1e-5) through the next expansion to the end. The
 micro-batch (micro_batch x dp) is kept, so the depth plan and the samples of every micro-step
 are the same; where it changes, the run continues and says so once."""
 import json
+import math
 import shutil
 
 import pytest
@@ -25,9 +26,10 @@ LAYOUTS = {
 }
 
 
-def run(tmp_path, corpus, layout, out, **train):
+def run(tmp_path, corpus, layout, out, model=None, **train):
     nproc, tp, pp, micro, ds = LAYOUTS[layout]
     cfg = write_config(tmp_path / f"{out}.yaml", corpus, apollo=APOLLO,
+                       model=model or {},
                        parallel={"tp": tp, "pp": pp},
                        train={"steps": STEPS, "micro_batch": micro, "save_interval": SAVE_AT,
                               "out_dir": str(tmp_path / out),
@@ -64,6 +66,22 @@ def test_resume_under_another_layout_matches_uninterrupted(a, b, corpus, tmp_pat
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x["step"], a, b)
     assert moved[-1]["eval_loss"] == pytest.approx(reference[-1]["eval_loss"], rel=1e-5)
     assert moved[-1]["cum_flops"] == pytest.approx(reference[-1]["cum_flops"], rel=1e-12)
+
+
+@pytest.mark.parametrize("a,b", [("dp2_z1", "dp1_z0"), ("tp2_z1", "dp1_z1")])
+def test_reshaped_resume_with_dropout_runs_to_the_end(a, b, corpus, tmp_path):
+    """The priming step of a reshaped resume is a training forward with dropout on: it needs
+    the model-parallel RNG tracker seeded before the first step (it used to fail with "cuda
+    rng state model-parallel-rng is not added"). Dropout masks depend on the DP rank, so the
+    losses after the move are the new layout's own: finite, every step once."""
+    run(tmp_path, corpus, a, "straight", model={"dropout": 0.1})
+    from_checkpoint(tmp_path, "straight", "moved")
+    r = run(tmp_path, corpus, b, "moved", model={"dropout": 0.1})
+    assert r.stdout.count("resuming under another layout") == 1, r.stdout
+    moved = read_metrics(tmp_path / "moved")
+    assert [x["step"] for x in moved] == list(range(1, STEPS + 1))   # every step once
+    assert [x["n_unique"] for x in moved] == [1] * 4 + [2] * 4 + [4] * 4
+    assert all(math.isfinite(x["loss"]) for x in moved) and math.isfinite(moved[-1]["eval_loss"])
 
 
 def test_another_dp_wide_micro_batch_continues_and_says_so(corpus, tmp_path):
