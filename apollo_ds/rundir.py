@@ -225,13 +225,44 @@ def resolve(path: str, tag: str | None = None) -> str:
     return os.path.abspath(tag_dir)
 
 
+def open_checkpoint(path: str, tag: str | None = None) -> tuple[str, dict]:
+    """(tag directory, run_state) of a complete checkpoint with a layout-free params/ copy, for
+    readers outside training (export, eval, generate): ``resolve``, then every file of the
+    manifest there with its size (checksums are the resume's: reading everything twice would
+    double the I/O), then a run state that names the model."""
+    tag_dir = resolve(path, tag)
+    problem = manifest_problem(tag_dir, share=None)
+    if problem is not None:
+        raise ConfigError(f"checkpoint {tag_dir} is incomplete or corrupt: {problem}; use an "
+                          f"older tag (pass its directory)")
+    state = read_run_state(tag_dir)
+    for key in ("n_unique", "model"):
+        if key not in state:
+            raise ConfigError(f"{os.path.join(tag_dir, RUN_STATE)} has no '{key}': not an "
+                              f"apollo_ds checkpoint, or written by an incompatible version")
+    if not has_params(tag_dir):
+        raise ConfigError(f"checkpoint {tag_dir} has no layout-free {PARAMS}/ copy (written by "
+                          f"an older version); resume it once with this version and let it "
+                          f"save, then use the new checkpoint")
+    return tag_dir, state
+
+
+def is_run_dir(path: str) -> bool:
+    """A run's out_dir (its lock, or a checkpoints/ directory with checkpoints), a
+    checkpoints/ directory or one tag directory."""
+    ck = os.path.join(path, CHECKPOINTS)
+    return (os.path.isfile(os.path.join(path, LOCK))
+            or (os.path.isdir(ck) and (read_latest(ck) is not None
+                                       or any(is_tag(t) for t in os.listdir(ck))))
+            or os.path.isfile(os.path.join(path, LATEST))
+            or os.path.isfile(os.path.join(path, RUN_STATE)))
+
+
 def inside_run_dir(path: str) -> str | None:
-    """The run directory (or checkpoint tag) that ``path`` lies in or is, else None."""
+    """The run directory (or checkpoint directory) that ``path`` is or lies in, else None."""
     p = os.path.abspath(path)
     while True:
-        if (os.path.isdir(os.path.join(p, CHECKPOINTS)) or os.path.isfile(os.path.join(p, LOCK))
-                or os.path.isfile(os.path.join(p, LATEST))
-                or os.path.isfile(os.path.join(p, RUN_STATE))):
+        if os.path.isdir(p) and is_run_dir(p):
             return p
         parent = os.path.dirname(p)
         if parent == p:

@@ -4,25 +4,34 @@ The fused QKV weight is laid out per key/value group, [kv_heads, heads/kv_heads 
 hidden] (model/llama.py): the group's query heads, its key head, its value head. HF keeps
 separate q/k/v projections with query head i reading key/value head i // (heads/kv_heads),
 which is the same order, so the split is a view; rotary embeddings use HF's rotate-half
-convention on both sides, so no row permutation is needed."""
+convention on both sides, so no row permutation is needed. One of the exporter's mappers
+(to_hf.MAPPERS): ``ARCH``, ``tied``, ``hf_config`` and ``hf_state``."""
 from __future__ import annotations
 
+from apollo_ds.config import ConfigError
 
-def to_llama_state(full: dict, model: dict, n_unique: int, lmap: list[int], tied: bool,
-                   error) -> dict:
+ARCH = "LlamaForCausalLM"
+
+
+def tied(model: dict) -> bool:
+    from apollo_ds.config import model_config_of, tied as is_tied
+    return is_tied(model_config_of(model))
+
+
+def hf_state(full: dict, model: dict, n_unique: int, lmap: list[int]) -> dict:
     from apollo_ds.config import kv_heads_of, model_config_of
-    m = model_config_of(model)
+    m, tied_head = model_config_of(model), tied(model)
     h, heads, kv = m.hidden, m.heads, kv_heads_of(m)
     hd, r = h // heads, heads // kv
-    need = {"word_embeddings.weight", "final_norm.weight"} | (set() if tied else
+    need = {"word_embeddings.weight", "final_norm.weight"} | (set() if tied_head else
                                                                {"lm_head.weight"})
     missing = sorted(need - full.keys()) + [f"pool.{j}" for j in range(n_unique)
                                             if f"pool.{j}.qkv.weight" not in full]
     if missing:
-        raise error(f"checkpoint lacks {', '.join(missing)}")
+        raise ConfigError(f"checkpoint lacks {', '.join(missing)}")
     out = {"model.embed_tokens.weight": full["word_embeddings.weight"],
            "model.norm.weight": full["final_norm.weight"]}
-    if not tied:
+    if not tied_head:
         out["lm_head.weight"] = full["lm_head.weight"]
     for i, j in enumerate(lmap):
         p, q = f"pool.{j}.", f"model.layers.{i}."
@@ -43,7 +52,7 @@ def to_llama_state(full: dict, model: dict, n_unique: int, lmap: list[int], tied
     return out
 
 
-def llama_config(model: dict, tok_ids: dict, tied: bool):
+def hf_config(model: dict, tok_ids: dict):
     from transformers import LlamaConfig
 
     from apollo_ds.config import ffn_width, kv_heads_of, model_config_of
@@ -53,7 +62,7 @@ def llama_config(model: dict, tok_ids: dict, tied: bool):
         num_hidden_layers=m.layers, num_attention_heads=m.heads,
         num_key_value_heads=kv_heads_of(m), head_dim=m.hidden // m.heads, hidden_act="silu",
         max_position_embeddings=m.seq_len, initializer_range=m.init_std,
-        rms_norm_eps=m.layernorm_eps, tie_word_embeddings=tied,
+        rms_norm_eps=m.layernorm_eps, tie_word_embeddings=tied(model),
         rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
         attention_bias=False, mlp_bias=False, attention_dropout=m.dropout,
         bos_token_id=tok_ids.get("bos"), eos_token_id=tok_ids.get("eos"),

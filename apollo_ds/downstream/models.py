@@ -5,15 +5,14 @@ vocabulary and share the tokenizer semantics (SentencePiece ids), so a number me
 can be compared with the other."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import sys
 from dataclasses import dataclass
 
 import torch
 
+from apollo_ds import rundir
 from apollo_ds.config import ConfigError
 
 
@@ -35,8 +34,9 @@ class LoadedModel:
 
 
 def _is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
-        os.path.join(path, "run_state.json"))
+    """An export: its config.json, and not a run directory (an export written into a run
+    directory must never shadow the run's own checkpoint)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not rundir.is_run_dir(path)
 
 
 def _single_process_group() -> None:
@@ -58,25 +58,21 @@ def _single_process_group() -> None:
 
 
 def _load_native(path: str, tokenizer: str | None, device: str) -> LoadedModel:
+    """PoolGPT at TP=1 from the checkpoint's layout-free params/: every tensor checked against
+    the recorded shape and this model's (only vocabulary rows are padded)."""
     from apollo_ds.apollo.layer_maps import layer_map
     from apollo_ds.config import model_config_of
-    from apollo_ds.convert.to_hf import ExportError, load_full_state, resolve_checkpoint
     from apollo_ds.data.tokenizer import load_tokenizer
-    try:
-        with contextlib.redirect_stdout(sys.stderr):    # the reader's progress: not the result
-            tag_dir, state = resolve_checkpoint(path)
-            full = load_full_state(tag_dir, state)
-    except ExportError as e:
-        raise ConfigError(str(e)) from None
+    tag_dir, state = rundir.open_checkpoint(path)
+    reader = rundir.ParamReader(tag_dir)
     _single_process_group()
     from apollo_ds.model import PoolGPT
     cfg = model_config_of(state["model"])
     model = PoolGPT(cfg, int(state["n_unique"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            t = full[name].float()
-            if t.shape[0] < p.shape[0]:        # vocabulary rows: padding stays zero (masked)
-                t = torch.cat([t, t.new_zeros((p.shape[0] - t.shape[0],) + t.shape[1:])])
+            t = reader.read(name, padded_rows=p.shape[0], expect=tuple(p.shape),
+                            keys=("param",))["param"]
             p.copy_(t)
     model = model.to(device).eval()
     lmap = layer_map(model.n_unique, cfg.layers, (state.get("apollo") or {}).get(

@@ -133,3 +133,101 @@ def test_bad_input_is_refused(trained, args, message, capsys, single_process_gro
     err = [line for line in capsys.readouterr().err.splitlines()
            if line.startswith("apollo-ds ")]
     assert len(err) == 1 and message in err[0], err
+
+
+# ------------------------------------------------------------------ strict loading, placement
+def _one_error(capsys, prefix: str) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(prefix)]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _cut_rows(tag_dir, name: str, index_too: bool) -> tuple[list, list]:
+    """Keep the first half of a parameter's rows (every moment), optionally in index.json too,
+    and re-record the manifest, so only the shape checks can notice. (full, cut) shapes."""
+    from apollo_ds import rundir
+    path = tag_dir / rundir.PARAMS / f"{name}.pt"
+    entry = torch.load(path, weights_only=True)
+    full = list(entry["param"].shape)
+    cut = [full[0] // 2] + full[1:]
+    torch.save({k: v[: cut[0]].clone() for k, v in entry.items()}, path)
+    changed = [path]
+    if index_too:
+        index = json.loads((tag_dir / rundir.PARAMS / rundir.INDEX).read_text())
+        index["params"][name]["shape"] = cut
+        (tag_dir / rundir.PARAMS / rundir.INDEX).write_text(json.dumps(index))
+        changed.append(tag_dir / rundir.PARAMS / rundir.INDEX)
+    manifest = json.loads((tag_dir / rundir.MANIFEST).read_text())
+    for p in changed:
+        rel = str(p.relative_to(tag_dir))
+        manifest["files"][rel] = {"size": p.stat().st_size, "sha256": rundir.sha256(str(p))}
+    (tag_dir / rundir.MANIFEST).write_text(json.dumps(manifest))
+    return full, cut
+
+
+def test_a_cut_tensor_is_refused_naming_parameter_file_and_shapes(trained, tmp_path, capsys,
+                                                                  single_process_group):
+    import shutil
+
+    from apollo_ds import rundir
+    from apollo_ds.cli import main
+    from apollo_ds.convert.to_hf import main as export
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    ck = run / rundir.CHECKPOINTS
+    tag_dir = ck / rundir.read_latest(str(ck))
+    name = "pool.0.fc1.weight"
+    path = tag_dir / rundir.PARAMS / f"{name}.pt"
+    full, cut = _cut_rows(tag_dir, name, index_too=False)
+    want = (f"parameter {name}: {path} holds param of shape {cut} but index.json records "
+            f"{full}; the checkpoint is corrupt: use an older tag")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--text", str(trained["text"])]) == 2
+    assert _one_error(capsys, "apollo-ds ") == f"apollo-ds eval: error: {want}"
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x"]) == 2
+    assert _one_error(capsys, "apollo-ds ") == f"apollo-ds generate: error: {want}"
+    assert export(["--checkpoint", str(run), "--output", str(tmp_path / "hf")]) == 2
+    assert _one_error(capsys, "to_hf: ") == f"to_hf: error: {want}"
+    assert not (tmp_path / "hf").exists()
+    # cut in index.json as well: the model's own shape refuses it (no zero-padding of fc1)
+    _, cut = _cut_rows(tag_dir, name, index_too=True)
+    assert main(["eval", "--checkpoint", str(run), "--text", str(trained["text"])]) == 2
+    assert _one_error(capsys, "apollo-ds ") == (
+        f"apollo-ds eval: error: parameter {name}: {path} gives shape {cut} (recorded {cut}) "
+        f"but the model's is {full}; the checkpoint was written by another model")
+
+
+def test_exports_stay_out_of_run_dirs_and_eval_picks_the_run(trained, tmp_path, capsys, cli):
+    import shutil
+
+    from apollo_ds.convert.to_hf import main as export
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    for out in (run, run / "hf", run / "checkpoints" / "hf"):
+        capsys.readouterr()
+        assert export(["--checkpoint", str(trained["run"]), "--output", str(out)]) == 2
+        inside = run / "checkpoints" if out.parent.name == "checkpoints" else run
+        assert _one_error(capsys, "to_hf: ") == (
+            f"to_hf: error: --output {out} lies inside the run directory {inside}; write the "
+            f"export outside it (e.g. {inside}_hf)")
+    assert not (run / "config.json").exists() and not (run / "hf").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    assert export(["--checkpoint", str(trained["run"]), "--output", str(notes)]) == 2
+    assert _one_error(capsys, "to_hf: ") == (
+        f"to_hf: error: --output {notes} is a non-empty directory that is not an earlier "
+        f"export; give a new or empty directory")
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    again = tmp_path / "again"
+    shutil.copytree(trained["hf"], again)              # an earlier export may be replaced
+    assert export(["--checkpoint", str(trained["run"]), "--output", str(again)]) == 0
+    # an export lying in a run directory (as older versions allowed) never shadows the run
+    for f in trained["hf"].iterdir():
+        shutil.copy(f, run / f.name)
+    args = ["--text", str(trained["text"]), "--json"]
+    native = cli("eval", "--checkpoint", str(trained["run"]), *args)
+    picked = cli("eval", "--checkpoint", str(run), *args)
+    assert picked["kind"] == "native" and picked["model"].startswith(str(run / "checkpoints"))
+    assert picked["loss"] == native["loss"]
+    assert cli("eval", "--checkpoint", str(again), *args)["kind"] == "hf"
