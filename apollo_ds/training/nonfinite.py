@@ -11,9 +11,12 @@ copies refreshed from the unchanged masters) but with the inner torch optimizer'
 disabled: no weight, moment or Adam step count changes."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+import contextlib
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+from apollo_ds.distributed import all_reduce
 
 EXIT_NONFINITE = 3   # pretrain.py's exit code when train.on_nonfinite stops a run
 
@@ -23,36 +26,84 @@ class NonFiniteError(RuntimeError):
     consecutive ones under skip; the message names the step, depths and samples."""
 
 
-def pre_step_grad_norm(engine) -> tuple[torch.Tensor, bool]:
-    """(norm, is_global) before the optimizer step. ZeRO 1-3 and bf16: the global 2-norm
-    exactly as the engine's optimizer computes it in its step (the same DeepSpeed function on
-    the same reduced gradients: identical on every rank; inf when any gradient is non-finite,
-    which DeepSpeed reports as -1 or inf).
-    fp32 ZeRO 0 (no wrapper, no norm of DeepSpeed's own): the sum of this rank's squared
-    gradient norms, a finiteness probe only (is_global False)."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+def pre_step_grad_norm(engine) -> tuple[torch.Tensor, bool, contextlib.AbstractContextManager]:
+    """(norm, is_global, reuse) before the optimizer step: the global 2-norm of the reduced
+    gradients, identical on every rank, inf when any gradient is non-finite (DeepSpeed's
+    helpers report that as -1). ZeRO 1-3 and bf16: DeepSpeed's own function on its own state;
+    fp32 ZeRO 0 (no wrapper): ``model_parallel_grad_norm``. Inside ``reuse`` the optimizer step
+    reads this norm instead of computing it a second time (for the clip)."""
+    from deepspeed.runtime import bf16_optimizer
     from deepspeed.runtime.utils import combine_grad_norm_groups, get_global_norm_of_tensors
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     opt = engine.optimizer
-    norm = None
     if isinstance(opt, DeepSpeedZeroOptimizer):
-        norm = opt.scaled_global_norm() / opt.loss_scale
+        scaled = opt.scaled_global_norm()
+        norm = scaled / opt.loss_scale
+        reuse = _patched(opt, "scaled_global_norm", lambda norm_type=2: scaled)
     elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        norm = combine_grad_norm_groups(opt._get_norm_groups()) / opt.loss_scale
-    elif isinstance(opt, BF16_Optimizer):
+        groups = opt._get_norm_groups()
+        norm = combine_grad_norm_groups(groups) / opt.loss_scale
+        reuse = _patched(opt, "_get_norm_groups", lambda: groups)
+    elif isinstance(opt, bf16_optimizer.BF16_Optimizer):
         grads, _expert = opt.get_grads_for_norm()
-        norm = torch.as_tensor(get_global_norm_of_tensors(input_tensors=grads, mpu=opt.mpu,
-                                                          norm_type=opt.norm_type))
-    if norm is not None:
-        # DeepSpeed's helpers mask a non-finite norm to -1 (is_invalid_grad_norm): inf here
-        norm = norm.float()
-        return torch.where(norm < 0, torch.full_like(norm, float("inf")), norm), True
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float32), False
-    norms = torch._foreach_norm(grads)
-    return torch.stack([n.float() for n in norms]).pow(2).sum(), False
+        raw = get_global_norm_of_tensors(input_tensors=grads, mpu=opt.mpu,
+                                         norm_type=opt.norm_type)
+        norm = torch.as_tensor(raw)
+        # BF16_Optimizer.step calls the module-level function: swapped for this step only
+        reuse = _patched(bf16_optimizer, "get_global_norm_of_tensors", lambda **_kw: raw)
+    else:
+        norm = model_parallel_grad_norm(engine.module)
+        clip = engine.gradient_clipping()
+        reuse = _patched(engine, "clip_fp32_gradients",
+                         lambda: clip_grads_(engine.module, norm, clip))
+    norm = norm.float()
+    return torch.where(norm < 0, torch.full_like(norm, float("inf")), norm), True, reuse
+
+
+@contextmanager
+def _patched(obj, name: str, value):
+    """``obj.name`` is ``value`` inside (an instance or module attribute, put back after)."""
+    missing = object()
+    own = obj.__dict__.get(name, missing)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if own is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, own)
+
+
+@torch.no_grad()
+def model_parallel_grad_norm(module) -> torch.Tensor:
+    """Global 2-norm of ``module``'s gradients (already reduced over data parallelism), each
+    parameter counted once: pipeline-tied replicas only on their first owner
+    (``ds_pipe_replicated``), tensor-parallel-duplicated ones only on TP rank 0; squared sums
+    all-reduced over megatron's model-parallel (tensor x pipeline) group. No host sync on
+    NCCL."""
+    from megatron.core import parallel_state
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    grads = [p.grad for p in module.parameters() if p.grad is not None
+             and not getattr(p, "ds_pipe_replicated", False)
+             and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    dev = grads[0].device if grads else next(module.parameters()).device
+    sq = torch.zeros(1, dtype=torch.float32, device=dev)
+    if grads:
+        sq += torch.stack([n.float() for n in torch._foreach_norm(grads)]).pow(2).sum()
+    group = parallel_state.get_model_parallel_group()
+    return all_reduce(sq, group=group, dtype=torch.float32).to(dev).reshape(()).sqrt()
+
+
+@torch.no_grad()
+def clip_grads_(module, norm: torch.Tensor, max_norm: float) -> None:
+    """DeepSpeed's clip rule (scale by max_norm / (norm + 1e-6) when below 1) with a known
+    norm, on the device."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if max_norm > 0 and grads:
+        coef = (float(max_norm) / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
 
 
 @contextmanager
@@ -81,10 +132,9 @@ def install(engine, runtime) -> None:
         guard, runtime.step_guard = runtime.step_guard, None
         if guard is None:
             return take(lr_kwargs)
-        norm, is_global = pre_step_grad_norm(engine)
-        if guard(runtime.step_loss_share(), norm, is_global):
-            return take(lr_kwargs)
-        with optimizer_disabled(engine):
+        norm, is_global, reuse = pre_step_grad_norm(engine)
+        step = guard(runtime.step_loss_share(), norm, is_global)
+        with reuse, (nullcontext() if step else optimizer_disabled(engine)):
             return take(lr_kwargs)
 
     engine._take_model_step = guarded_take_model_step

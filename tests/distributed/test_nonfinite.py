@@ -3,7 +3,8 @@ a step whose gradients are NaN on ONE rank (the norm check) and a step whose los
 one rank while its gradients stay finite (the loss check: DeepSpeed alone would apply that
 step) are both dropped by every rank before the optimizer step: masters, Adam moments and the
 optimizer step count stay exactly as they were, the other steps train, and the pre-step
-gradient norm the run reports is the one DeepSpeed's own step computes."""
+gradient norm the run reports is the one DeepSpeed's own step computes (computed once: the step
+reuses it), at fp32 ZeRO 0 the 2-norm of the module's gradients."""
 import json
 import math
 import os
@@ -47,10 +48,11 @@ def test_skip_leaves_state_untouched(pp, configs, corpus, tmp_path):
             else:
                 assert 0 < s["loss"] < math.log(corpus.vocab) + 1, (c, s)  # finite, trains
                 assert s["change"] is None or s["change"] > 1e-3, (c, s)  # it does train
-                if c.startswith("zero0"):    # no DeepSpeed norm at fp32 ZeRO 0
-                    assert s["grad_norm"] is None and s["ds_norm"] is None
-                else:
-                    assert s["grad_norm"] == pytest.approx(s["ds_norm"], rel=1e-6), (c, s)
+                if c.startswith("zero0") and pp == 2:   # no reference norm recorded
+                    assert s["ds_norm"] is None and 0 < s["grad_norm"] < math.inf, (c, s)
+                else:   # fp32 ZeRO 0 at PP1: the worker's own norm of the module's gradients
+                    rel = 1e-5 if c.startswith("zero0") else 1e-6
+                    assert s["grad_norm"] == pytest.approx(s["ds_norm"], rel=rel), (c, s)
         if not c.startswith("zero0"):
             assert steps[1]["ds_norm"] == math.inf          # DeepSpeed saw the NaN too
             assert math.isfinite(steps[3]["ds_norm"])       # but not the NaN loss

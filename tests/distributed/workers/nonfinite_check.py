@@ -3,7 +3,9 @@ config given (one engine after the other in the same process groups), train.step
 through Trainer.train_step; after each, the full fp32 state (masters and Adam moments) and the
 engine's optimizer step count. Writes per config and step (rank 0): whether the record says
 skipped, its loss, the pre-step gradient norm it reports, the norm DeepSpeed's own optimizer
-step computed (get_global_grad_norm; None at fp32 ZeRO 0), how much the state changed in that
+step computed (get_global_grad_norm; at fp32 ZeRO 0 and PP1, where DeepSpeed computes none,
+the 2-norm of the module's gradients read right before the step; None at ZeRO 0 and PP2), how
+much the state changed in that
 step (max abs difference over every tensor and rank) and the optimizer step count.
 
 usage: nonfinite_check.py --config CFG --out RESULT.json --ds A.json,B.json [overrides]"""
@@ -12,6 +14,8 @@ import dataclasses
 import json
 import os
 import sys
+
+import torch
 
 from apollo_ds import distributed
 from apollo_ds.config import load_config, validate
@@ -32,10 +36,19 @@ def max_change(a: dict, b: dict) -> float:
 def run(cfg, dist) -> list[dict]:
     tr = Trainer(cfg, dist)
     before, steps = None, []   # (no Adam state exists before the first step)
+    zero0, seen = tr.zero == 0, []
+    if zero0 and dist.pp == 1:
+        take = tr.engine._take_model_step
+
+        def take_and_record(lr_kwargs=None):
+            grads = [p.grad.float() for p in tr.engine.module.parameters() if p.grad is not None]
+            seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            return take(lr_kwargs)
+        tr.engine._take_model_step = take_and_record
     for s in range(1, cfg.train.steps + 1):
         rec = tr.train_step(s)
         after, _ = tr.runtime.full_state()
-        ds_norm = tr.engine.get_global_grad_norm()
+        ds_norm = (seen[-1] if seen else None) if zero0 else tr.engine.get_global_grad_norm()
         steps.append({"step": s, "skipped": bool(rec.get("skipped")), "loss": rec["loss"],
                       "grad_norm": rec["grad_norm"],
                       "ds_norm": None if ds_norm is None else float(ds_norm),
