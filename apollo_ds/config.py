@@ -7,6 +7,7 @@ refusal is a ``ConfigError`` whose message names the setting and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +152,10 @@ class TrainConfig:
     # and go on, stopping at more than max_skipped such steps in a row
     on_nonfinite: str = "stop"
     max_skipped: int = 10
+    # a step, save, expansion or evaluation (a collective waiting on a dead peer) that makes no
+    # progress for this long ends the process with one line (Megatron's
+    # --distributed-timeout-minutes); also the process group's collective timeout
+    dist_timeout_minutes: float = 10.0
     # cosine: warmup, then cosine to min_lr at train.steps. wsd (warmup-stable-decay): warmup,
     # constant lr, then linear decay to min_lr over the last train.decay of the run; the decay
     # must start after the last Apollo expansion
@@ -365,6 +370,9 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
                  "max_skipped"):
         need(getattr(t, name) >= 0, f"train.{name} must be >= 0")
     need(t.log_interval >= 1, "train.log_interval must be >= 1")
+    need(math.isfinite(t.dist_timeout_minutes) and t.dist_timeout_minutes > 0,
+         f"train.dist_timeout_minutes={t.dist_timeout_minutes} must be a positive number of "
+         f"minutes (default 10)")
     need(t.eval_iters >= 1, "train.eval_iters must be >= 1")
     need(not check_files or os.path.isfile(t.deepspeed_config),
          f"DeepSpeed config not found: {t.deepspeed_config} (train.deepspeed_config or "

@@ -4,6 +4,7 @@ TP/PP/DP groups, the adapter DeepSpeed needs to see those groups, and the one he
 host-side reduction goes through (so no CPU tensor ever reaches an NCCL group)."""
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -135,7 +136,8 @@ def _discover_env() -> None:
     mpi_discovery(distributed_port=int(os.environ.get("MASTER_PORT", 29500)), verbose=False)
 
 
-def _init_process_group(on_cpu: bool, device: torch.device) -> None:
+def _init_process_group(on_cpu: bool, device: torch.device,
+                        timeout_minutes: float | None = None) -> None:
     """torch.distributed first, then DeepSpeed's comm layer on top of it. Initialising it here
     (not in deepspeed.init_distributed) binds NCCL to *this rank's* device: DeepSpeed would bind
     cuda:LOCAL_RANK, which does not exist when each task sees a single GPU."""
@@ -143,13 +145,19 @@ def _init_process_group(on_cpu: bool, device: torch.device) -> None:
     backend = "gloo" if on_cpu else "nccl"
     if not torch.distributed.is_initialized():
         kwargs = {}
+        if timeout_minutes:
+            # a backstop for collectives waiting on a dead peer: the watchdog (training/
+            # watchdog.py) ends a stalled step after train.dist_timeout_minutes with one line;
+            # start-up (one rank building a data index while the others wait) gets longer
+            kwargs["timeout"] = datetime.timedelta(minutes=2 * timeout_minutes + 5)
         if not on_cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:
             kwargs["device_id"] = device
         torch.distributed.init_process_group(backend, **kwargs)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
-def init(tp: int = 1, pp: int = 1, seed: int = 0) -> Dist:
+def init(tp: int = 1, pp: int = 1, seed: int = 0, *,
+         timeout_minutes: float | None = None) -> Dist:
     on_cpu = cpu_compat.apply()
     _discover_env()
     from megatron.core import parallel_state
@@ -160,7 +168,7 @@ def init(tp: int = 1, pp: int = 1, seed: int = 0) -> Dist:
     else:
         device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-    _init_process_group(on_cpu, device)
+    _init_process_group(on_cpu, device, timeout_minutes)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if world % (tp * pp) != 0:
         raise SystemExit(f"error: world size {world} is not a multiple of parallel.tp*parallel.pp"

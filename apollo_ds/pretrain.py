@@ -8,7 +8,9 @@ Overrides are dotted ``section.key=value`` pairs, e.g. ``model.layers=6 train.st
 Rerunning the same command resumes from the latest complete checkpoint in train.out_dir.
 Exit codes: 0 done (or stopped by a signal, with a checkpoint); 2 a bad config, launch or
 input, refused before any work; 3 a non-finite loss or gradient stopped the run before its
-optimizer step (train.on_nonfinite, train.max_skipped); anything else: a crash.
+optimizer step (train.on_nonfinite, train.max_skipped); 4 the launcher died; 5 no progress for
+train.dist_timeout_minutes (a dead or hung peer); 128+N a second signal N aborted the run;
+anything else: a crash.
 """
 from __future__ import annotations
 
@@ -50,8 +52,9 @@ def _launcher_world() -> int | None:
 
 def main(argv=None) -> int:
     # First of all: a stop request during imports, start-up or checkpoint load is honoured.
-    from apollo_ds.training import signals
+    from apollo_ds.training import signals, watchdog
     signals.install()
+    watchdog.start()   # exits when the launcher dies or a phase hangs (no orphans)
     args = parse_args(argv)
     try:
         overrides = list(args.overrides)
@@ -68,7 +71,9 @@ def main(argv=None) -> int:
         return 2
     from apollo_ds import distributed
     from apollo_ds.training.loop import Trainer
-    dist = distributed.init(cfg.parallel.tp, cfg.parallel.pp)
+    watchdog.configure(_launcher_rank(), cfg.train.dist_timeout_minutes)
+    dist = distributed.init(cfg.parallel.tp, cfg.parallel.pp,
+                            timeout_minutes=cfg.train.dist_timeout_minutes)
     try:
         validate(cfg, world_size=dist.world)
         trainer = Trainer(cfg, dist)
@@ -85,6 +90,10 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         distributed.shutdown()
         return EXIT_NONFINITE
+    except Exception:
+        if watchdog.orphaned():   # a peer left with the dead launcher: one line, no traceback
+            watchdog.exit_orphaned()
+        raise
     # Only after a clean run: on an error the peers may be gone, and the launcher ends them.
     distributed.shutdown()
     return 0

@@ -20,7 +20,7 @@ from apollo_ds.config import ConfigError, RunConfig
 from apollo_ds.data import build_datasets
 from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
-from apollo_ds.training import checkpoint, faults, portable, resume, signals
+from apollo_ds.training import checkpoint, faults, portable, resume, signals, watchdog
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import MetricsLog, print0
@@ -273,7 +273,9 @@ class Trainer:
             s = self.step + 1
             n_needed = self.schedule.unique_at(s)
             if n_needed > self.model.n_unique:
+                watchdog.progress(f"expansion before step {s}")
                 self.expand(n_needed)
+            watchdog.progress(f"step {s}")
             try:
                 rec = self.train_step(s)
             except NonFiniteError:
@@ -283,6 +285,7 @@ class Trainer:
             window.append(rec)
             final = s == t.steps or s == t.stop_after
             if (t.eval_interval and s % t.eval_interval == 0) or final:
+                watchdog.progress(f"evaluation after step {s}")
                 rec["eval_loss"] = self.evaluate()
             rec["wall_s"] = self._wall()
             self.metrics.write(rec)
@@ -292,6 +295,7 @@ class Trainer:
                 window = []
             stop = self._stop_all
             if (t.save_interval and s % t.save_interval == 0) or final or stop:
+                watchdog.progress(f"checkpoint save after step {s}")
                 self.save()
             if stop or s == t.stop_after:
                 print0(d.rank, f"stopping after step {s}"
