@@ -125,15 +125,32 @@ class MegatronMPU:
         return self._ps().get_pipeline_model_parallel_rank()
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def _discover_env() -> None:
     """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from srun or mpirun when no torch-style
-    launcher set them (mpi4py; the port from MASTER_PORT, not always 29500)."""
+    launcher set them (mpi4py). The rendezvous port is MASTER_PORT when given, else one that
+    is free on rank 0's host (agreed over MPI): a fixed 29500 fails when another job holds it."""
     _slurm_env()
     needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
     if torch.distributed.is_initialized() or all(v in os.environ for v in needed):
         return
+    if os.environ.get("WORLD_SIZE") == "1" and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())   # one process told its world, no port
+        if all(v in os.environ for v in needed):
+            return
     from deepspeed.comm.comm import mpi_discovery
-    mpi_discovery(distributed_port=int(os.environ.get("MASTER_PORT", 29500)), verbose=False)
+    from mpi4py import MPI
+    port = os.environ.get("MASTER_PORT")
+    if not port:
+        comm = MPI.COMM_WORLD
+        port = comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0)
+    mpi_discovery(distributed_port=int(port), verbose=False)
 
 
 def _init_process_group(on_cpu: bool, device: torch.device,
