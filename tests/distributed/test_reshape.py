@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from apollo_ds import rundir
 from tests.conftest import pretrain, read_metrics, write_config
 
 APOLLO = {"enabled": True, "stages": [1, 2, 4], "stage_ends": [4, 8]}   # expands after 4, 8
@@ -40,10 +41,10 @@ def run(tmp_path, corpus, layout, out, model=None, **train):
 def from_checkpoint(tmp_path, src: str, dst: str) -> None:
     """A run directory holding only ``src``'s checkpoint at SAVE_AT (as if it had stopped
     there), its metrics up to that step."""
-    tag = f"step_{SAVE_AT:07d}"
-    ck = tmp_path / dst / "checkpoints"
-    shutil.copytree(tmp_path / src / "checkpoints" / tag, ck / tag)
-    (ck / "latest").write_text(tag)
+    tag = rundir.tag_for(SAVE_AT)
+    ck = tmp_path / dst / rundir.CHECKPOINTS
+    shutil.copytree(tmp_path / src / rundir.CHECKPOINTS / tag, ck / tag)
+    (ck / rundir.LATEST).write_text(tag)
     recs = [r for r in read_metrics(tmp_path / src) if r["step"] <= SAVE_AT]
     (tmp_path / dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
@@ -99,12 +100,12 @@ def test_another_dp_wide_micro_batch_continues_and_says_so(corpus, tmp_path):
 def test_checkpoint_without_layout_free_state_is_refused_under_another_layout(corpus,
                                                                               tmp_path):
     run(tmp_path, corpus, "dp1_z1", "straight", stop_after=SAVE_AT)
-    tag_dir = tmp_path / "straight" / "checkpoints" / f"step_{SAVE_AT:07d}"
-    shutil.rmtree(tag_dir / "params")
-    manifest = json.loads((tag_dir / "manifest.json").read_text())
+    tag_dir = tmp_path / "straight" / rundir.CHECKPOINTS / rundir.tag_for(SAVE_AT)
+    shutil.rmtree(tag_dir / rundir.PARAMS)
+    manifest = json.loads((tag_dir / rundir.MANIFEST).read_text())
     manifest["files"] = {k: v for k, v in manifest["files"].items()
                          if not k.startswith("params/")}
-    (tag_dir / "manifest.json").write_text(json.dumps(manifest))
+    (tag_dir / rundir.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(AssertionError) as e:
         run(tmp_path, corpus, "tp2_z1", "straight")
     assert "has no layout-free state (params/)" in str(e.value)

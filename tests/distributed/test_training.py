@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from apollo_ds import rundir
 from tests.conftest import pretrain, read_metrics, write_config
 
 APOLLO = {"enabled": True, "stages": [1, 2, 4], "stage_ends": [9, 14]}   # expands after 9, 14
@@ -50,8 +51,8 @@ def test_resume_is_exact_across_expansion(zero, stops, mode, corpus, tmp_path):
         cfg = config(tmp_path, corpus, name, zero, mode=mode, stop_after=k)
         pretrain(2, cfg)
         assert len(losses(tmp_path / name)) == k
-        state = json.loads((tmp_path / name / "checkpoints" / f"step_{k:07d}" /
-                            "run_state.json").read_text())
+        state = json.loads((tmp_path / name / rundir.CHECKPOINTS / rundir.tag_for(k) /
+                            rundir.RUN_STATE).read_text())
         assert state["n_unique"] == (1 if k <= 9 else 2)
         assert state["adam_step_offsets"] == ([0] if k <= 9 else [0, 9 if mode == "reset" else 0])
         # the same command without the stop resumes from the checkpoint at step k
@@ -104,7 +105,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(corpus, tmp_pa
     reference = losses(tmp_path / "straight")
     pretrain(2, config(tmp_path, corpus, "run", 1, save_interval=5, keep_checkpoints=2,
                        stop_after=15))
-    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts = tmp_path / "run" / rundir.CHECKPOINTS
     # (DeepSpeed also drops its zero_to_fp32.py helpers beside the tags)
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == [
         "step_0000010", "step_0000015"]

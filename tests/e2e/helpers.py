@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from apollo_ds import rundir
 from tests.conftest import REPO, Corpus, free_port, read_metrics, run, write_config
 
 # The venv's bin (not resolved: its python is a symlink to the base interpreter).
@@ -80,9 +81,9 @@ def train_losses(out_dir) -> list[tuple[int, float]]:
 
 
 def run_state(out_dir) -> dict:
-    ckpt = Path(out_dir) / "checkpoints"
-    tag = (ckpt / "latest").read_text().strip()
-    return json.loads((ckpt / tag / "run_state.json").read_text())
+    ckpt = Path(out_dir) / rundir.CHECKPOINTS
+    tag = (ckpt / rundir.LATEST).read_text().strip()
+    return json.loads((ckpt / tag / rundir.RUN_STATE).read_text())
 
 
 def assert_same_losses(got, want, what: str, tol: float = 1e-6):

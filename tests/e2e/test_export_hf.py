@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apollo_ds import rundir
 from tests.conftest import real_text_lines, torchrun, write_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -45,9 +46,9 @@ def _train(tmp_path: Path, corpus, name: str, tp: int, zero: int) -> dict:
                               "deepspeed_config": f"ds_configs/zero{zero}_fp32.json"})
     dump = tmp_path / f"{name}_full.pt"
     torchrun(2, WORKER, ["--config", str(cfg), "--out", str(dump)])
-    ckpt = out_dir / "checkpoints"
+    ckpt = out_dir / rundir.CHECKPOINTS
     return {"out_dir": out_dir, "ckpt": ckpt, "dump": torch.load(dump),
-            "latest": (ckpt / "latest").read_text().strip()}
+            "latest": (ckpt / rundir.LATEST).read_text().strip()}
 
 
 def _export(src: Path, dst: Path, tokenizer: str, *extra: str) -> None:
@@ -154,7 +155,7 @@ def test_export_tp2_zero2_apollo(tp2_run, corpus, single_process_group, tmp_path
                                  capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = tp2_run
-    final_state = json.loads((run["ckpt"] / run["latest"] / "run_state.json").read_text())
+    final_state = json.loads((run["ckpt"] / run["latest"] / rundir.RUN_STATE).read_text())
     assert final_state["n_unique"] == 4 and final_state["tp"] == 2
 
     # Final tag, addressed by the run's out_dir (the tag comes from `latest`).
@@ -168,7 +169,7 @@ def test_export_tp2_zero2_apollo(tp2_run, corpus, single_process_group, tmp_path
 
     # Mid-Apollo tag (pool of 2 for 4 layers), addressed by its tag directory.
     mid = run["ckpt"] / "step_0000002"
-    mid_state = json.loads((mid / "run_state.json").read_text())
+    mid_state = json.loads((mid / rundir.RUN_STATE).read_text())
     assert mid_state["n_unique"] == 2
     hf_mid = tmp_path / "hf_mid"
     _export(mid, hf_mid, corpus.tokenizer)
@@ -199,19 +200,19 @@ def test_export_refusals(tp2_run, corpus, tmp_path, capsys):
     err = refused(broken, *tok)
     assert "incomplete" in err and "mp_rank_01_model_states.pt" in err
     # No run_state.json: an interrupted save.
-    (broken / "run_state.json").unlink()
+    (broken / rundir.RUN_STATE).unlink()
     (tmp_path / "ck").mkdir()
     shutil.move(str(broken), tmp_path / "ck" / "step_1")
-    (tmp_path / "ck" / "latest").write_text("step_1")
+    (tmp_path / "ck" / rundir.LATEST).write_text("step_1")
     assert "incomplete" in refused(tmp_path / "ck", *tok)
     # A run_state without a recorded tokenizer (older runs): --tokenizer is required and says so.
     old = tmp_path / "old" / "step_1"
     shutil.copytree(run_tag, old)
-    state = json.loads((old / "run_state.json").read_text())
+    state = json.loads((old / rundir.RUN_STATE).read_text())
     state.pop("data", None)
-    (old / "run_state.json").write_text(json.dumps(state))
-    (old / "manifest.json").unlink()                 # older runs wrote no manifest either
-    (tmp_path / "old" / "latest").write_text("step_1")
+    (old / rundir.RUN_STATE).write_text(json.dumps(state))
+    (old / rundir.MANIFEST).unlink()                 # older runs wrote no manifest either
+    (tmp_path / "old" / rundir.LATEST).write_text("step_1")
     assert "--tokenizer" in refused(tmp_path / "old")
 
 
@@ -219,7 +220,7 @@ def test_export_refusals(tp2_run, corpus, tmp_path, capsys):
 def test_export_zero3_dp2(tmp_path, corpus, single_process_group, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = _train(tmp_path, corpus, "dp2_zero3", tp=1, zero=3)
-    state = json.loads((run["ckpt"] / run["latest"] / "run_state.json").read_text())
+    state = json.loads((run["ckpt"] / run["latest"] / rundir.RUN_STATE).read_text())
     assert state["dp"] == 2 and state["n_unique"] == 4
     hf_dir = tmp_path / "hf"
     _export(run["ckpt"], hf_dir, corpus.tokenizer)

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from apollo_ds import rundir
 from tests.conftest import torchrun, write_config
 from tests.e2e.test_export_hf import (WORKER, _check_parity, _check_tokenizer, _export,
                                       _module_weights)
@@ -29,15 +30,15 @@ def llama_run(tmp_path_factory, corpus):
                               "out_dir": str(out_dir),
                               "deepspeed_config": "ds_configs/zero2_fp32.json"})
     torchrun(2, WORKER, ["--config", str(cfg), "--out", str(tmp / "full.pt")])
-    return {"out_dir": out_dir, "ckpt": out_dir / "checkpoints", "dump": torch.load(tmp / "full.pt")}
+    return {"out_dir": out_dir, "ckpt": out_dir / rundir.CHECKPOINTS, "dump": torch.load(tmp / "full.pt")}
 
 
 def test_llama_export_tp2_zero2_mid_apollo(llama_run, corpus, single_process_group, tmp_path,
                                            monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ck = llama_run["ckpt"]
-    final = ck / (ck / "latest").read_text().strip()
-    state = json.loads((final / "run_state.json").read_text())
+    final = ck / (ck / rundir.LATEST).read_text().strip()
+    state = json.loads((final / rundir.RUN_STATE).read_text())
     assert state["n_unique"] == 4 and state["tp"] == 2 and state["model"]["arch"] == "llama"
     assert "lm_head.weight" in llama_run["dump"]            # untied: its own output layer
     _export(llama_run["out_dir"], tmp_path / "hf", corpus.tokenizer)
@@ -48,7 +49,7 @@ def test_llama_export_tp2_zero2_mid_apollo(llama_run, corpus, single_process_gro
     _check_tokenizer(tmp_path / "hf", corpus.tokenizer)
 
     mid = ck / "step_0000002"
-    mid_state = json.loads((mid / "run_state.json").read_text())
+    mid_state = json.loads((mid / rundir.RUN_STATE).read_text())
     assert mid_state["n_unique"] == 2
     _export(mid, tmp_path / "hf_mid", corpus.tokenizer)
     _check_parity(tmp_path / "hf_mid", mid_state, _module_weights(mid, mid_state),

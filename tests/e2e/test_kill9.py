@@ -20,6 +20,7 @@ import time
 import psutil
 import pytest
 
+from apollo_ds import rundir
 from tests.conftest import read_metrics, write_config
 from tests.e2e.helpers import REPO, TINY_MODEL, torchrun_cmd, train_losses
 
@@ -106,10 +107,10 @@ class Attempt:
 
 def _resume_point(out) -> tuple[int, int]:
     """(step, pool size) of the checkpoint a rerun resumes from ((0, 1) for none)."""
-    latest = out / "checkpoints" / "latest"
+    latest = out / rundir.CHECKPOINTS / rundir.LATEST
     if not latest.exists():
         return 0, 1
-    st = json.loads((out / "checkpoints" / latest.read_text().strip() / "run_state.json")
+    st = json.loads((out / rundir.CHECKPOINTS / latest.read_text().strip() / rundir.RUN_STATE)
                     .read_text())
     return st["step"], st["n_unique"]
 
@@ -149,9 +150,9 @@ def _trial(corpus, tmp_path, kinds: list[str], seed: int):
             done.append(f"{kind} inside")
         text = "".join(a.text)
         if kind == "save" and inside:   # the engine files are there, the manifest is not
-            tag = out / "checkpoints" / line.split()[-1]
-            assert tag.is_dir() and not (tag / "manifest.json").exists(), log
-            assert (out / "checkpoints" / "latest").read_text().strip() != tag.name, log
+            tag = out / rundir.CHECKPOINTS / line.split()[-1]
+            assert tag.is_dir() and not (tag / rundir.MANIFEST).exists(), log
+            assert (out / rundir.CHECKPOINTS / rundir.LATEST).read_text().strip() != tag.name, log
         if kind == "expand" and inside:
             assert "expanded pool" not in text, log
     print("\n".join(log))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from apollo_ds import rundir
 from tests.conftest import PY, read_metrics
 from tests.e2e.helpers import (PRETRAIN, assert_same_losses, check_ok, deepspeed_cmd, launch,
                                mpirun_cmd, run_state, tiny_config, torchrun_cmd, train_losses)
@@ -58,7 +59,7 @@ def _check_two_rank_run(run):
     state = run_state(run["out"])
     # two data-parallel ranks really took part (not two 1-rank singletons)
     assert (state["step"], state["dp"], state["tp"]) == (STEPS, 2, 1), state
-    tag = Path(run["out"]) / "checkpoints" / f"step_{STEPS:07d}"
+    tag = Path(run["out"]) / rundir.CHECKPOINTS / rundir.tag_for(STEPS)
     for r in range(2):
         assert (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").exists()
     assert f"done: step {STEPS}/{STEPS}" in run["result"].stdout
@@ -87,7 +88,7 @@ def test_mpirun_matches_torchrun(mpirun_run, torchrun_run):
 def test_rerun_after_finish_resumes_and_does_nothing(deepspeed_run):
     out = Path(deepspeed_run["out"])
     metrics_before = (out / "metrics.jsonl").read_bytes()
-    tags_before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    tags_before = sorted(p.name for p in (out / rundir.CHECKPOINTS).iterdir())
     r = check_ok(launch(deepspeed_run["cmd"]), "rerun of the deepspeed command")
     assert re.search(rf"resumed from \S+step_{STEPS:07d} at step {STEPS}\b", r.stdout), r.stdout
     assert not STEP_LINE.search(r.stdout), f"the rerun trained again:\n{r.stdout}"
@@ -95,7 +96,7 @@ def test_rerun_after_finish_resumes_and_does_nothing(deepspeed_run):
     # every step still logged exactly once, and nothing rewritten
     assert [rec["step"] for rec in read_metrics(out)] == list(range(1, STEPS + 1))
     assert (out / "metrics.jsonl").read_bytes() == metrics_before
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == tags_before
+    assert sorted(p.name for p in (out / rundir.CHECKPOINTS).iterdir()) == tags_before
 
 
 def _error_lines(stderr: str) -> list[str]:

@@ -14,6 +14,7 @@ import subprocess
 
 import torch
 
+from apollo_ds import rundir
 from tests.conftest import read_metrics
 from tests.e2e.helpers import REPO, launcher_env, tiny_config, torchrun_cmd
 
@@ -74,7 +75,7 @@ def test_stop_exits_3_and_leaves_the_last_checkpoint_untouched(corpus, tmp_path)
                       deepspeed_config="ds_configs/zero0_fp32.json")
     r = _run(cfg, out, "train.stop_after=2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ckpt = out / "checkpoints"
+    ckpt = out / rundir.CHECKPOINTS
     before = _snapshot(ckpt)
     assert "step_0000002/manifest.json" in before
     # fp32 ZeRO 0: DeepSpeed has no check of its own; without ours the NaN would be applied
@@ -114,8 +115,8 @@ def test_skip_drops_steps_and_max_skipped_stops(corpus, tmp_path):
     assert all(rec["loss"] is None for rec in recs if rec.get("skipped"))
     assert all(0 < rec["loss"] < math.log(corpus.vocab) + 1 for rec in recs
                if not rec.get("skipped"))
-    t = {s: _tensors(out / "checkpoints" / f"step_{s:07d}") for s in range(2, 7)}
+    t = {s: _tensors(out / rundir.CHECKPOINTS / rundir.tag_for(s)) for s in range(2, 7)}
     assert _same(t[2], t[3])                   # the skipped step 3 changed nothing
     assert not _same(t[3], t[4])               # step 4 trained
     assert _same(t[4], t[5]) and _same(t[5], t[6])
-    assert not (out / "checkpoints" / "step_0000007").exists()
+    assert not (out / rundir.CHECKPOINTS / "step_0000007").exists()

@@ -15,6 +15,7 @@ import time
 
 import psutil
 
+from apollo_ds import rundir
 from tests.conftest import PY, REPO, read_metrics
 from tests.e2e.helpers import tiny_config, torchrun_cmd
 
@@ -122,11 +123,11 @@ def test_ctrl_c_checkpoints_and_a_second_one_aborts(corpus, tmp_path):
     # every save sleeps 4 s between its files and its manifest: the second Ctrl-C lands there
     proc = _start(torchrun_cmd(cfg, out), APOLLO_DS_FAULT="sleep_save@s=4")
     _workers(proc)
-    ckpt = out / "checkpoints"
+    ckpt = out / rundir.CHECKPOINTS
     deadline = time.time() + 300
-    while not (ckpt / "latest").exists() and time.time() < deadline:
+    while not (ckpt / rundir.LATEST).exists() and time.time() < deadline:
         time.sleep(0.2)
-    assert (ckpt / "latest").read_text().strip() == "step_0000003"
+    assert (ckpt / rundir.LATEST).read_text().strip() == "step_0000003"
     os.killpg(proc.pid, signal.SIGINT)   # Ctrl-C: the terminal signals the foreground group
     # the stop's own save starts sleeping (step 4 or 5 finished), then the second Ctrl-C
     buf = ""
@@ -141,8 +142,8 @@ def test_ctrl_c_checkpoints_and_a_second_one_aborts(corpus, tmp_path):
     text = buf + text
     assert "SIGINT received twice: aborting now" in text, text[-3000:]
     # the first checkpoint is still the complete one `latest` names
-    assert (ckpt / "latest").read_text().strip() == "step_0000003"
-    assert (ckpt / "step_0000003" / "manifest.json").exists()
+    assert (ckpt / rundir.LATEST).read_text().strip() == "step_0000003"
+    assert (ckpt / "step_0000003" / rundir.MANIFEST).exists()
     r = subprocess.run(torchrun_cmd(cfg, out, "train.steps=5"), cwd=REPO, env=_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "at step 3" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
@@ -160,7 +161,7 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(corpus, tmp_path):
     m = re.search(r"stopping after step (\d+) \(signal\)", text)
     assert m, text[-3000:]
     k = int(m.group(1))
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{k:07d}"
+    assert (out / rundir.CHECKPOINTS / rundir.LATEST).read_text().strip() == rundir.tag_for(k)
     assert [rec["step"] for rec in read_metrics(out)] == list(range(1, k + 1))
     # torchrun itself reports the SIGINT it got with a traceback of its own; the workers none
     assert 'apollo_ds/' not in "".join(ln for ln in text.splitlines(True)

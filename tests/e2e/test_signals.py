@@ -11,6 +11,7 @@ import time
 
 import psutil
 
+from apollo_ds import rundir
 from tests.conftest import PY, REPO, free_port, read_metrics
 from tests.e2e.helpers import tiny_config
 
@@ -66,7 +67,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(corpus, tmp_path):
     assert m, text[-4000:]
     k = int(m.group(1))
     assert 3 <= k < STEPS, "the run finished before the signal arrived; raise STEPS"
-    state = json.loads((out / "checkpoints" / f"step_{k:07d}" / "run_state.json").read_text())
+    state = json.loads((out / rundir.CHECKPOINTS / rundir.tag_for(k) / rundir.RUN_STATE).read_text())
     assert state["step"] == k
     r = subprocess.run(_cmd(cfg), cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=900)
