@@ -77,6 +77,8 @@ BAD = [
     (["train.on_nonfinite=ignore"], "train.on_nonfinite='ignore' is unknown; choose one of "
                                     "stop, skip"),
     (["train.max_skipped=-1"], "train.max_skipped must be >= 0"),
+    (["train.recompute=attention"], "train.recompute='attention' is unknown; choose one of "
+                                    "none, selective, full"),
 ]
 
 
