@@ -222,8 +222,12 @@ def all_reduce(values, op: str = "sum", group=None, dtype=torch.float64) -> torc
     if torch.is_tensor(values):
         t = values.detach().to(dev, dtype)
     else:
-        t = torch.stack([v.detach().to(dev, dtype).reshape(()) if torch.is_tensor(v)
-                         else torch.tensor(float(v), dtype=dtype, device=dev) for v in values])
+        # stacked where the device values live, then one copy: a CUDA run reducing over gloo
+        # waits for the device once, not once per value
+        src = next((v.device for v in values if torch.is_tensor(v)), dev)
+        t = torch.stack([v.detach().to(src, dtype).reshape(()) if torch.is_tensor(v)
+                         else torch.tensor(float(v), dtype=dtype, device=src)
+                         for v in values]).to(dev)
     ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
            "min": torch.distributed.ReduceOp.MIN}
     torch.distributed.all_reduce(t, op=ops[op], group=group)

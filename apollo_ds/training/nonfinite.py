@@ -26,39 +26,65 @@ class NonFiniteError(RuntimeError):
     consecutive ones under skip; the message names the step, depths and samples."""
 
 
-def pre_step_grad_norm(engine) -> tuple[torch.Tensor, bool, contextlib.AbstractContextManager]:
+def pre_step_grad_norm(engine) -> tuple[torch.Tensor, bool, "Reuse"]:
     """(norm, is_global, reuse) before the optimizer step: the global 2-norm of the reduced
     gradients, identical on every rank, inf when any gradient is non-finite (DeepSpeed's
     helpers report that as -1). ZeRO 1-3 and bf16: DeepSpeed's own function on its own state;
-    fp32 ZeRO 0 (no wrapper): ``model_parallel_grad_norm``. Inside ``reuse`` the optimizer step
-    reads this norm instead of computing it a second time (for the clip)."""
+    fp32 ZeRO 0 (no wrapper): ``model_parallel_grad_norm``. Inside ``reuse(finite)`` the
+    optimizer step reads this norm instead of computing it again (for the clip)."""
     from deepspeed.runtime import bf16_optimizer
     from deepspeed.runtime.utils import combine_grad_norm_groups, get_global_norm_of_tensors
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
     opt = engine.optimizer
-    if isinstance(opt, DeepSpeedZeroOptimizer):
-        scaled = opt.scaled_global_norm()
-        norm = scaled / opt.loss_scale
-        reuse = _patched(opt, "scaled_global_norm", lambda norm_type=2: scaled)
-    elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+    if isinstance(opt, stage_1_and_2.DeepSpeedZeroOptimizer):
+        raw = opt.scaled_global_norm()
+        norm = raw / opt.loss_scale
+        reuse = Reuse(raw, stage_1_and_2, [(opt, "scaled_global_norm", lambda norm_type=2: raw)])
+    elif isinstance(opt, stage3.DeepSpeedZeroOptimizer_Stage3):
         groups = opt._get_norm_groups()
-        norm = combine_grad_norm_groups(groups) / opt.loss_scale
-        reuse = _patched(opt, "_get_norm_groups", lambda: groups)
+        raw = combine_grad_norm_groups(groups)
+        norm = raw / opt.loss_scale
+        reuse = Reuse(raw, stage3, [(opt, "_get_norm_groups", lambda: groups),
+                                    (stage3, "combine_grad_norm_groups",
+                                     lambda g, norm_type=2: raw if g is groups else
+                                     combine_grad_norm_groups(g, norm_type))])
     elif isinstance(opt, bf16_optimizer.BF16_Optimizer):
         grads, _expert = opt.get_grads_for_norm()
         raw = get_global_norm_of_tensors(input_tensors=grads, mpu=opt.mpu,
                                          norm_type=opt.norm_type)
         norm = torch.as_tensor(raw)
-        # BF16_Optimizer.step calls the module-level function: swapped for this step only
-        reuse = _patched(bf16_optimizer, "get_global_norm_of_tensors", lambda **_kw: raw)
+        # BF16_Optimizer.step calls the module-level function
+        reuse = Reuse(raw, bf16_optimizer,
+                      [(bf16_optimizer, "get_global_norm_of_tensors", lambda **_kw: raw)])
     else:
         norm = model_parallel_grad_norm(engine.module)
         clip = engine.gradient_clipping()
-        reuse = _patched(engine, "clip_fp32_gradients",
-                         lambda: clip_grads_(engine.module, norm, clip))
+        reuse = Reuse(norm, None, [(engine, "clip_fp32_gradients",
+                                    lambda: clip_grads_(engine.module, norm, clip))])
     norm = norm.float()
     return torch.where(norm < 0, torch.full_like(norm, float("inf")), norm), True, reuse
+
+
+class Reuse:
+    """The optimizer step with the pre-step norm ``raw`` handed in: each (object, attribute,
+    value) is swapped in for the step only. ``finite=True`` (the guard's reduction showed the
+    norm finite) also answers DeepSpeed's ``is_invalid_grad_norm(raw)`` checks in ``module``
+    from that knowledge: each would otherwise read the device (``bool(tensor)``)."""
+
+    def __init__(self, raw, module, patches: list):
+        self.raw, self.module, self.patches = raw, module, patches
+
+    @contextmanager
+    def __call__(self, finite: bool):
+        patches = list(self.patches)
+        if finite and self.module is not None:
+            check, raw = self.module.is_invalid_grad_norm, self.raw
+            patches.append((self.module, "is_invalid_grad_norm",
+                            lambda n: False if n is raw else check(n)))
+        with contextlib.ExitStack() as stack:
+            for obj, name, value in patches:
+                stack.enter_context(_patched(obj, name, value))
+            yield
 
 
 @contextmanager
@@ -133,8 +159,9 @@ def install(engine, runtime) -> None:
         if guard is None:
             return take(lr_kwargs)
         norm, is_global, reuse = pre_step_grad_norm(engine)
+        # True only when the loss and this norm were both finite on every rank
         step = guard(runtime.step_loss_share(), norm, is_global)
-        with reuse, (nullcontext() if step else optimizer_disabled(engine)):
+        with reuse(finite=step), (nullcontext() if step else optimizer_disabled(engine)):
             return take(lr_kwargs)
 
     engine._take_model_step = guarded_take_model_step
