@@ -1,5 +1,5 @@
-"""Console report of benchmarks/gpu_check.py and the dense bf16 peaks its MFU is taken
-against. Kept apart from the phases so the table can be re-printed from a saved JSON
+"""Console report of benchmarks/gpu_check.py (its MFU is taken against the dense bf16 peaks
+of apollo_ds.training.metrics). Kept apart from the phases so the table can be re-printed from a saved JSON
 (``python benchmarks/gpu_check_report.py runs/gpu_check.json``) without torch."""
 from __future__ import annotations
 
@@ -7,35 +7,9 @@ import json
 import math
 import sys
 
-# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by substrings of
-# torch.cuda.get_device_name(); first row whose substrings all occur wins, so the more specific
-# rows come first ("A100" before "A10", "L40S" before "L4"). None: no usable bf16 peak known.
-PEAK_BF16_TFLOPS = [
-    (("H100", "PCIE"), 756, "H100 PCIe"),
-    (("H100", "NVL"), 835, "H100 NVL"),
-    (("H100",), 989, "H100 SXM"),
-    (("H200", "NVL"), 835, "H200 NVL"),
-    (("H200",), 989, "H200"),            # also GH200
-    (("B200",), 2250, "B200"),
-    (("A100",), 312, "A100"),
-    (("L40S",), 362, "L40S"),
-    (("L40",), 181, "L40"),
-    (("A10G",), None, "A10G"),           # AWS part with its own clocks: give --peak-tflops
-    (("A10",), 125, "A10"),
-    (("L4",), 121, "L4"),
-    (("RTX 4090",), 165, "RTX 4090"),
-    (("RTX 3090",), 71, "RTX 3090"),
-    (("A6000",), 155, "RTX A6000"),
-    (("V100",), None, "V100 (no bf16 tensor cores)"),
-]
-
-
-def peak_for(name: str) -> tuple[float | None, str]:
-    up = name.upper()
-    for subs, tflops, label in PEAK_BF16_TFLOPS:
-        if all(s in up for s in subs):
-            return tflops, f"table row '{label}'"
-    return None, "no table row"
+# The dense bf16 peaks (by device name) are the training log's: one table for the step line's
+# MFU and this report's.
+from apollo_ds.training.metrics import PEAK_BF16_TFLOPS, peak_for  # noqa: E402,F401
 
 
 def fmt(x, spec: str, na: str = "n/a") -> str:

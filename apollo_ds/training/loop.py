@@ -23,7 +23,7 @@ from apollo_ds.flops import train_flops
 from apollo_ds.training import checkpoint, faults, portable, resume, signals, watchdog
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.growth import grow
-from apollo_ds.training.metrics import MetricsLog, print0
+from apollo_ds.training.metrics import DeviceStats, MetricsLog, print0
 from apollo_ds.training.nonfinite import NonFiniteError
 from apollo_ds.training.runtime import make_runtime
 
@@ -320,6 +320,10 @@ class Trainer:
                 f" | depth {sum(depths) / len(depths):.2f} | {toks / secs:,.0f} tok/s | "
                 f"{fl / secs / 1e9:.2f} GFLOP/s | FLOPs {rec['cum_flops']:.3e} "
                 f"({100 * rec['cum_flops'] / rec['cum_full_depth_flops']:.1f}% of full depth)")
+        # per device: model TFLOP/s, MFU against the card's peak, peak memory
+        if getattr(self, "_device_stats", None) is None:
+            self._device_stats = DeviceStats(self.dist.device)
+        line += " | " + self._device_stats.text(fl / secs, self.dist.world)
         if "eval_loss" in rec:
             line += f" | eval {rec['eval_loss']:.4f}"
         print0(self.dist.rank, line)

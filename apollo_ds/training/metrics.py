@@ -4,7 +4,74 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
+
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, by substrings of the CUDA device name;
+# the first row whose substrings all occur wins, so the more specific rows come first ("A100"
+# before "A10", "L40S" before "L4"). None: no usable bf16 peak known. MFU is taken against
+# this peak whatever the run's dtype (an fp32 run's TF32 peak is half of it).
+PEAK_BF16_TFLOPS = [
+    (("H100", "PCIE"), 756, "H100 PCIe"),
+    (("H100", "NVL"), 835, "H100 NVL"),
+    (("H100",), 989, "H100 SXM"),
+    (("H200", "NVL"), 835, "H200 NVL"),
+    (("H200",), 989, "H200"),            # also GH200
+    (("B200",), 2250, "B200"),
+    (("A100",), 312, "A100"),
+    (("L40S",), 362, "L40S"),
+    (("L40",), 181, "L40"),
+    (("A10G",), None, "A10G"),           # AWS part with its own clocks
+    (("A10",), 125, "A10"),
+    (("L4",), 121, "L4"),
+    (("RTX 4090",), 165, "RTX 4090"),
+    (("RTX 3090",), 71, "RTX 3090"),
+    (("A6000",), 155, "RTX A6000"),
+    (("V100",), None, "V100 (no bf16 tensor cores)"),
+]
+
+
+def peak_for(name: str) -> tuple[float | None, str]:
+    """(dense bf16 peak TFLOP/s or None, which table row) for a device name."""
+    up = name.upper()
+    for subs, tflops, label in PEAK_BF16_TFLOPS:
+        if all(sub in up for sub in subs):
+            return tflops, f"table row '{label}'"
+    return None, "no table row"
+
+
+class DeviceStats:
+    """Per-device figures for the step line: model TFLOP/s per device, MFU against the card's
+    peak (CUDA only), peak memory (CUDA allocated, or the process's peak RSS on CPU). Reads
+    allocator counters only: no device sync."""
+
+    def __init__(self, device, peak_tflops: float | None = None):
+        import torch
+        self.device = device
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self.peak = peak_tflops
+        if self.cuda and self.peak is None:
+            self.peak, _ = peak_for(torch.cuda.get_device_name(device))
+
+    def peak_memory_gib(self) -> float:
+        if self.cuda:
+            import torch
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+
+    def fields(self, flops_per_s: float, devices: int) -> dict:
+        tflops = flops_per_s / devices / 1e12
+        return {"tflops_per_device": tflops,
+                "mfu": tflops / self.peak if self.peak else None,
+                "peak_mem_gib": self.peak_memory_gib(),
+                "peak_mem_kind": "cuda_allocated" if self.cuda else "host_rss"}
+
+    def text(self, flops_per_s: float, devices: int) -> str:
+        f = self.fields(flops_per_s, devices)
+        mfu = f"{100 * f['mfu']:.1f}%" if f["mfu"] is not None else "n/a"
+        mem = "GiB allocated" if self.cuda else "GiB RSS"
+        return (f"{f['tflops_per_device']:.3f} TFLOP/s/{'GPU' if self.cuda else 'proc'} | "
+                f"MFU {mfu} | peak mem {f['peak_mem_gib']:.2f} {mem}")
 
 
 class MetricsLog:
