@@ -1,6 +1,8 @@
 """Activation recompute (``train.recompute``): ``full`` re-runs each transformer layer in
-backward, ``selective`` only the attention core (softmax(QK^T)V with its dropout, the part
-whose activations grow with the sequence length squared), as in Megatron.
+backward, ``selective`` only the attention core (softmax(QK^T)V with its dropout), as in
+Megatron: it frees the s x s probabilities and dropout mask where the attention kernel keeps
+them (SDPA's math path, e.g. attention dropout on CPU); fused flash kernels keep only their
+output and log-sum-exp, so there selective frees little and ``full`` is the lever.
 
 Why not megatron-core's ``tensor_parallel.checkpoint``: it is a reentrant autograd Function,
 so each checkpointed use of a layer runs its own inner backward, and a pool layer that runs
