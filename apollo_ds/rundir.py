@@ -329,6 +329,13 @@ def has_params(tag_dir: str) -> bool:
     return os.path.isfile(os.path.join(tag_dir, PARAMS, INDEX))
 
 
+def param_reader(tag_dir: str) -> "ParamReader":
+    """The reader of a checkpoint's layout-free state, whatever format backs it: every reader
+    (resume under another layout, export, eval/generate) opens it here, so a new on-disk
+    format plugs in behind the same ``names`` / ``shape`` / ``read`` interface."""
+    return ParamReader(tag_dir)
+
+
 class ParamReader:
     """One checkpoint's layout-free state, read one parameter at a time by canonical name:
     ``read(name)`` gives its fp32 master and Adam moments, in full or as one tensor-parallel

@@ -59,7 +59,7 @@ def resolve_checkpoint(path: str, tag: str | None = None) -> tuple[str, dict]:
 def load_full_state(tag_dir: str) -> dict:
     """Unsharded fp32 apollo_ds parameters (``pool.<j>.*``, vocabulary unpadded), each
     checked against the shape its checkpoint records."""
-    reader = rundir.ParamReader(tag_dir)
+    reader = rundir.param_reader(tag_dir)
     log(f"reading the layout-free state ({len(reader.names)} parameters) from "
         f"{reader.dir}")
     return {n: reader.read(n, keys=("param",))["param"] for n in reader.names}

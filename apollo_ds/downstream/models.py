@@ -64,7 +64,7 @@ def _load_native(path: str, tokenizer: str | None, device: str) -> LoadedModel:
     from apollo_ds.config import model_config_of
     from apollo_ds.data.tokenizer import load_tokenizer
     tag_dir, state = rundir.open_checkpoint(path)
-    reader = rundir.ParamReader(tag_dir)
+    reader = rundir.param_reader(tag_dir)
     _single_process_group()
     from apollo_ds.model import PoolGPT
     cfg = model_config_of(state["model"])

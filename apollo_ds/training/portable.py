@@ -113,7 +113,7 @@ class PortableState(Mapping):
     state to start from."""
 
     def __init__(self, tag_dir: str, model_cfg, tp: int, tp_rank: int):
-        self.reader = rundir.ParamReader(tag_dir)
+        self.reader = rundir.param_reader(tag_dir)
         self.optimizer_step = self.reader.optimizer_step
         self.tp, self.tp_rank = tp, tp_rank
         self.padded_vocab = padded_vocab(model_cfg.vocab_size, model_cfg.pad_vocab_to, tp)
