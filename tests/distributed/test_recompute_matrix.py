@@ -3,7 +3,8 @@ through Apollo's pool reuse (a pool layer runs up to 4 times in a micro-batch at
 layer; LVPS depths) and across two expansions (1 -> 2 -> 4 unique layers):
 
 - fp32, dropout 0: losses and every rank's full gradients before each optimizer step equal
-  none's within 1e-6 relative at ZeRO 0, 1, 2 and 3 (DP2), at TP2 and at PP2;
+  none's within 1e-6 relative at ZeRO 0, 1, 2 and 3 (DP2), at TP2 and at PP2 (GPT-2), and
+  for Llama (grouped-query attention) at ZeRO-3;
 - dropout 0.1 (ZeRO-2, TP2): the recomputed forward replays both RNG streams, so losses and
   gradients still equal none's;
 - bf16 at ZeRO 2 and 3: runs (megatron's reentrant checkpoint crashed there), finite, close
@@ -43,6 +44,7 @@ def dp2(corpus, tmp_path_factory):
     return launch(tmp_path_factory.mktemp("rc_dp2"), corpus, "dp2", {"tp": 1}, {
         "z0": ("zero0_fp32", []), "z1": ("zero1_fp32", []), "z2": ("zero2_fp32", []),
         "z3": ("zero3_fp32", []), "z2_dropout": ("zero2_fp32", drop),
+        "z3_llama": ("zero3_fp32", ["model.arch=llama", "model.kv_heads=2"]),
         "z2_bf16": ("zero2_bf16", []), "z3_bf16": ("zero3_bf16", [])})
 
 
@@ -86,6 +88,10 @@ def test_captured_gradients_are_the_full_reduced_ones(dp2):
         r = dp2[f"{g}/none"]
         assert r["grad_fp_min"] == pytest.approx(r["grad_fp_max"], rel=1e-6), g
         assert r["grad_fp_max"] == pytest.approx(fps[0], rel=1e-5), g
+
+
+def test_llama_gqa_at_zero3_matches_none(dp2):
+    assert_equal_to_none(dp2, "z3_llama")
 
 
 def test_dropout_recompute_replays_the_masks(dp2):
