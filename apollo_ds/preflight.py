@@ -22,11 +22,15 @@ ACCELERATORS = ("cuda", "cpu")
 def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
                  env=os.environ) -> None:
     from apollo_ds.data import check_data_inputs
+    from apollo_ds.data.datasets import parse_blend
+    from apollo_ds.value_checks import check_data_contents, check_launch_shape, check_memory
     from apollo_ds.training.engine import load_ds_config, model_dtype, zero_stage
     validate(cfg, world_size=world)
+    check_launch_shape(cfg, world)
     p = cfg.parallel
     dp = (world or 1) // (p.tp * p.pp)
     ds = load_ds_config(cfg, dp)
+    check_memory(cfg, world, zero_stage(ds), ds.get("bf16", {}).get("enabled", False), env)
     check_launch_env(env, rank)
     check_writable("train.out_dir", cfg.train.out_dir)
     if cfg.data.cache_dir:
@@ -36,6 +40,8 @@ def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
     lock = lock_run_dir(cfg.train.out_dir) if rank == 0 else None
     try:
         check_data_inputs(cfg)
+        for prefix in parse_blend(cfg.data.prefix)[0]:
+            check_data_contents(prefix, cfg.model.vocab_size, cfg.data.cache_dir or None)
         layout = {"dp": dp, "tp": p.tp, "pp": p.pp, "zero": zero_stage(ds),
                   "dtype": str(model_dtype(ds))}
         check_resume(cfg, layout, layout_known=world is not None)

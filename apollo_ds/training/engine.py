@@ -11,6 +11,7 @@ import torch
 from apollo_ds.apollo.samplers import expected_depth
 from apollo_ds.config import (ConfigError, RunConfig, stage_end_steps, warmup_steps,
                               wsd_decay_start)
+from apollo_ds.value_checks import check_ds_json
 
 
 def load_ds_config(cfg: RunConfig, dp: int) -> dict:
@@ -23,6 +24,7 @@ def load_ds_config(cfg: RunConfig, dp: int) -> dict:
                           f"ds_configs/)") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    check_ds_json(ds, path)   # types, DeepSpeed's own key/range rules, unused sections
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage={stage} must be 0, 1, 2 or 3")

@@ -81,6 +81,11 @@ class Verdict:
 def check(state: dict, cfg: RunConfig, layout: dict, where: str) -> Verdict:
     """Refuse (ConfigError, one line) what a resume cannot honour; return how to load and the
     accepted changes. ``state`` is the checkpoint's run_state; ``layout`` this run's."""
+    step = state.get("step", 0)
+    if isinstance(step, int) and step > cfg.train.steps:
+        raise ConfigError(f"cannot resume from {where}: it is at step {step} but train.steps="
+                          f"{cfg.train.steps}; raise train.steps to at least {step} to "
+                          f"continue, or use a new train.out_dir to start another run")
     refused = []
     saved_model, mine = state.get("model", {}), asdict(cfg.model)
     refused += [(f"model.{k}", saved_model[k], mine[k]) for k in mine

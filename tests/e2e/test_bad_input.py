@@ -85,6 +85,26 @@ class Case:
         return p
 
 
+def _big_ids(c) -> None:
+    """One token of the copied data (no meta file: as data from elsewhere) set to an id the
+    512-token model cannot embed."""
+    import numpy as np
+    b = Path(c.path / "data.bin")
+    arr = np.fromfile(b, dtype=np.uint16)
+    arr[len(arr) // 2] = 60000
+    arr.tofile(b)
+
+
+def _corrupt_idx_length(path) -> None:
+    """Sequence 3's length in the .idx table (int32s after the 34-byte header) made far larger
+    than the data between its pointer and the next: the header and the last entries still
+    agree, so only a full table check finds it (before: a crash at step 1)."""
+    import struct
+    data = bytearray(Path(path).read_bytes())
+    struct.pack_into("<i", data, 34 + 4 * 3, 10 ** 6)
+    Path(path).write_bytes(bytes(data))
+
+
 def _truncate(path, keep: int) -> None:
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[:keep])
@@ -198,6 +218,105 @@ ROWS = [
         RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(c.busy_port)),
      ["is already in use on 127.0.0.1", "pick a free port"]),
 ]
+
+# Rows added with issue 21 (each failed before: a traceback, an allocation until memory ran out,
+# a crash at step 1, or silent acceptance).
+ROWS += [
+    # ---- optimizer and schedule values (torch.optim.AdamW's and DeepSpeed's own ranges)
+    ("beta1 above 1", lambda c: _r(c, "train.beta1=1.5"), ["train.beta1=1.5", "[0, 1)"]),
+    ("beta2 negative", lambda c: _r(c, "train.beta2=-0.1"), ["train.beta2=-0.1", "[0, 1)"]),
+    ("beta1 equal 1", lambda c: _r(c, "train.beta1=1.0"), ["train.beta1=1.0", "[0, 1)"]),
+    ("lr nan", lambda c: _r(c, "train.lr=nan"), ["train.lr=nan", "finite"]),
+    ("lr infinite", lambda c: _r(c, "train.lr=inf"), ["train.lr=inf", "finite"]),
+    ("warmup infinite", lambda c: _r(c, "train.warmup=inf"), ["train.warmup=inf", "finite"]),
+    ("min_lr infinite", lambda c: _r(c, "train.min_lr=inf"), ["train.min_lr", "inf"]),
+    ("negative weight decay", lambda c: _r(c, "train.weight_decay=-0.1"),
+     ["train.weight_decay=-0.1", ">= 0"]),
+    ("weight decay nan", lambda c: _r(c, "train.weight_decay=nan"),
+     ["train.weight_decay=nan"]),
+    ("negative grad clip", lambda c: _r(c, "train.grad_clip=-1"),
+     ["train.grad_clip=-1", ">= 0"]),
+    ("beta1 nan", lambda c: _r(c, "train.beta1=nan"), ["train.beta1=nan", "[0, 1)"]),
+    ("grad clip infinite", lambda c: _r(c, "train.grad_clip=inf"),
+     ["train.grad_clip=inf", "finite"]),
+    ("stage end infinite", lambda c: _r(c, "apollo.enabled=true", "apollo.stages=[1,2]",
+                                        "apollo.stage_ends=[.inf]"),
+     ["apollo.stage_ends", "inf is not a finite number"]),
+    ("out_dir empty", lambda c: _r(c, "train.out_dir="), ["train.out_dir", "empty"]),
+    ("negative seed", lambda c: _r(c, "train.seed=-1"), ["train.seed=-1", "[0, 2**32)"]),
+    ("seed too large", lambda c: _r(c, "train.seed=5000000000"),
+     ["train.seed=5000000000", "[0, 2**32)"]),
+    ("steps not an integer", lambda c: _r(c, "train.steps=ten"),
+     ["train.steps", "ten", "integer"]),
+    ("lr not a number", lambda c: _r(c, "train.lr=fast"), ["train.lr", "fast", "number"]),
+    ("decay infinite", lambda c: _r(c, "train.decay=inf", "train.lr_schedule=wsd"),
+     ["train.decay=inf", "finite"]),
+    ("dist timeout zero", lambda c: _r(c, "train.dist_timeout_minutes=0"),
+     ["train.dist_timeout_minutes=0", "positive"]),
+    # ---- model values
+    ("dropout nan", lambda c: _r(c, "model.dropout=nan"), ["model.dropout=nan", "finite"]),
+    ("init std zero", lambda c: _r(c, "model.init_std=0"), ["model.init_std=0", "(0, inf)"]),
+    ("init std infinite", lambda c: _r(c, "model.init_std=inf"),
+     ["model.init_std=inf", "finite"]),
+    ("layernorm eps negative", lambda c: _r(c, "model.layernorm_eps=-1e-5"),
+     ["model.layernorm_eps=-1e-05", "(0, inf)"]),
+    ("rope theta nan", lambda c: _r(c, "model.rope_theta=nan"), ["model.rope_theta=nan"]),
+    ("negative vocab padding", lambda c: _r(c, "model.pad_vocab_to=-128"),
+     ["model.pad_vocab_to=-128", ">= 1"]),
+    ("vocabulary of 10^9", lambda c: _r(c, "model.vocab_size=1000000000"),
+     ["model.vocab_size=1000000000", "GiB", "memory"]),
+    ("a million layers", lambda c: _r(c, "model.layers=1000000",
+                                      "apollo.enabled=false"),
+     ["model.layers=1000000", "GiB", "memory"]),
+    ("hidden of 10^6", lambda c: _r(c, "model.hidden=1000000", "model.heads=1"),
+     ["model.hidden=1000000", "GiB", "memory"]),
+    ("seq_len of 10^8", lambda c: _r(c, "model.seq_len=100000000"),
+     ["model.seq_len=100000000", "GiB", "memory"]),
+    ("micro batch of 10^7", lambda c: _r(c, "train.micro_batch=10000000",
+                                         "train.global_batch=10000000"),
+     ["train.micro_batch=10000000", "GiB", "memory"]),
+    # ---- data values
+    ("negative split", lambda c: _r(c, "data.split=-1,50,51"),
+     ["data.split='-1,50,51'", "non-negative"]),
+    ("split not numbers", lambda c: _r(c, "data.split=a,b,c"),
+     ["data.split='a,b,c'", "numbers"]),
+    ("reduce bucket of zero", lambda c: c.ds('{"zero_optimization": {"stage": 2, '
+                                             '"reduce_bucket_size": 0}}'),
+     ["ds.json", "zero_optimization.reduce_bucket_size", "DeepSpeed's own rule"]),
+    ("blend with odd entries", lambda c: _r(c, f"data.prefix=[1,{c.data()},2]"),
+     ["data.prefix", "weight, prefix pairs"]),
+    ("token ids beyond the vocabulary", lambda c: (
+        c.data(), (c.path / "data.meta.json").unlink(missing_ok=True), _big_ids(c)),
+     ["data.bin", "token id 60000", "model.vocab_size=512"]),
+    ("idx sequence length corrupted", lambda c: _corrupt_idx_length(c.data() + ".idx"),
+     ["data.idx is corrupt: sequence 3 has length", "rerun apollo-ds preprocess"]),
+    # ---- DeepSpeed JSON (DeepSpeed's own config models where they exist)
+    ("deepspeed config not an object", lambda c: c.ds("[1, 2]"),
+     ["ds.json", "must be a JSON object"]),
+    ("zero section not an object", lambda c: c.ds('{"zero_optimization": 2}'),
+     ["ds.json", "zero_optimization", "object"]),
+    ("zero key misspelt", lambda c: c.ds('{"zero_optimization": {"stage": 1, '
+                                         '"overlap_comms": true}}'),
+     ["ds.json", "overlap_comms"]),
+    ("bf16 section not an object", lambda c: c.ds('{"bf16": true}'),
+     ["ds.json", "bf16", "object"]),
+    ("optimizer section in deepspeed config", lambda c: c.ds(
+        '{"zero_optimization": {"stage": 1}, "optimizer": {"type": "Adam", '
+        '"params": {"lr": 0.1}}}'),
+     ["ds.json", "optimizer", "train.lr"]),
+    ("scheduler section in deepspeed config", lambda c: c.ds(
+        '{"zero_optimization": {"stage": 1}, "scheduler": {"type": "WarmupLR"}}'),
+     ["ds.json", "scheduler", "train.lr_schedule"]),
+    ("zero stage a string", lambda c: c.ds('{"zero_optimization": {"stage": "two"}}'),
+     ["ds.json", "zero_optimization.stage", "0, 1, 2 or 3"]),
+    # ---- launch and resume
+    ("tp without a launcher", lambda c: _r(c, "parallel.tp=2"),
+     ["parallel.tp=2", "1 process", "torchrun --nproc_per_node 2"]),
+    ("fewer steps than the checkpoint", lambda c: (c.checkpoint(), _r(c, "train.steps=1")),
+     ["train.steps=1", "step 2", "raise train.steps"]),
+    ("stop_after beyond steps", lambda c: _r(c, "train.stop_after=9"),
+     ["train.stop_after=9", "train.steps=2"]),
+]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
                "TORCHELASTIC_RUN_ID", "DS_ACCELERATOR")
@@ -268,7 +387,7 @@ def test_bad_input_refused_before_any_work(name, prepare, must, inputs, tmp_path
 
 
 def test_table_spans_every_kind_of_input():
-    assert len(ROWS) >= 25
+    assert len(ROWS) >= 77   # 37 before issue 21, 40 since
     assert len({r[0] for r in ROWS}) == len(ROWS)
 
 
