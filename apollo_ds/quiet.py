@@ -3,8 +3,8 @@ so every other warning still shows.
 
 megatron-core warns four times per process that Transformer Engine / Apex are missing (the
 local fallbacks are what apollo_ds uses on purpose), once about its own import layout, and
-torch about ``torch.jit.script_method``; DeepSpeed logs "Setting accelerator to CPU" on a
-machine without one. Installed when the ``apollo_ds`` package is imported.
+torch about ``torch.jit.script_method`` and (through DeepSpeed's ZeRO) the old names of two
+collectives; DeepSpeed logs "Setting accelerator to CPU" on a machine without one. Installed when the ``apollo_ds`` package is imported.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ KNOWN_WARNINGS = (
     r"Transformer Engine is not installed",
     r"The following imports from `dynamic_context\.py` will be removed",
     r"`torch\.jit\.script_method` is deprecated",
+    # DeepSpeed's ZeRO calls these torch collectives under their old names
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
 )
 KNOWN_LOG_LINES = ("Setting accelerator to CPU", "Setting ds_accelerator to ")
 
