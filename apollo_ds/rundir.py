@@ -251,9 +251,12 @@ def is_run_dir(path: str) -> bool:
     """A run's out_dir (its lock, or a checkpoints/ directory with checkpoints), a
     checkpoints/ directory or one tag directory."""
     ck = os.path.join(path, CHECKPOINTS)
-    return (os.path.isfile(os.path.join(path, LOCK))
-            or (os.path.isdir(ck) and (read_latest(ck) is not None
-                                       or any(is_tag(t) for t in os.listdir(ck))))
+    try:
+        has_tags = os.path.isdir(ck) and any(is_tag(t) for t in os.listdir(ck))
+    except OSError:         # unreadable: not ours to judge
+        has_tags = False
+    return (os.path.isfile(os.path.join(path, LOCK)) or has_tags
+            or os.path.isfile(os.path.join(ck, LATEST))
             or os.path.isfile(os.path.join(path, LATEST))
             or os.path.isfile(os.path.join(path, RUN_STATE)))
 
