@@ -4,6 +4,7 @@
     apollo-ds eval --checkpoint DIR (--data PREFIX [--split 98,2,0] | --text FILE...) [--json]
     apollo-ds generate --checkpoint DIR (--prompt TEXT ... | --prompts FILE) [--max-new-tokens N]
         [--temperature T --top-k K --top-p P --seed S] [--repetition-penalty R] [--batch B]
+    apollo-ds config [SECTION ...] [--config configs/X.yaml] [--json]
     apollo-ds preprocess | train-tokenizer | fetch-corpus ...   (the data tools; --help each)
 
 ``eval`` and ``generate`` take a run's train.out_dir (any layout), a checkpoint tag directory
@@ -118,6 +119,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from apollo_ds.settings_doc import format_settings, settings
+    rows = settings()
+    if args.section:
+        known = sorted({r["name"].split(".")[0] for r in rows})
+        rows = [r for r in rows if r["name"].split(".")[0] in args.section]
+        if not rows:
+            raise ConfigError(f"no section {' '.join(args.section)}; choose from "
+                              f"{', '.join(known)}")
+    values = None
+    if args.config:
+        cfg = load_config(args.config, [])
+        values = {f"{sec}.{k}": v for sec, d in cfg.to_dict().items() for k, v in d.items()}
+    if args.json:
+        print(json.dumps([r | ({"value": values[r["name"]]} if values else {}) for r in rows],
+                         indent=1))
+    else:
+        print(format_settings(rows, values))
+    return 0
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     for path in args.prompts or []:
@@ -182,6 +204,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="config overrides, e.g. model.layers=6 apollo.stages=[1,3,6]")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
+    co = sub.add_parser("config", help="list every setting with its default and meaning")
+    co.add_argument("section", nargs="*", help="only these sections (model, apollo, ...)")
+    co.add_argument("--config", default=None, help="also show this YAML preset's values")
+    co.add_argument("--json", action="store_true", help="print the settings as JSON")
+    co.set_defaults(func=_cmd_config)
     ev = sub.add_parser("eval", help="mean loss and perplexity of a checkpoint or export on "
                                      "held-out text")
     _model_args(ev)

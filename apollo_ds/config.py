@@ -31,21 +31,21 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     layers: int = 4                 # final (full) depth L
-    hidden: int = 128
-    heads: int = 4
-    seq_len: int = 128
+    hidden: int = 128               # model width h
+    heads: int = 4                  # attention heads
+    seq_len: int = 128              # tokens per sample (and the largest position)
     vocab_size: int = 2048          # tokenizer vocabulary; padded internally for TP
-    ffn_mult: int = 4
-    dropout: float = 0.0
-    init_std: float = 0.02
-    layernorm_eps: float = 1e-5
+    ffn_mult: int = 4               # gpt2 MLP width = ffn_mult * hidden
+    dropout: float = 0.0            # dropout on embeddings, attention and residual branches
+    init_std: float = 0.02          # normal init std (output projections: std/sqrt(2L))
+    layernorm_eps: float = 1e-5     # LayerNorm / RMSNorm epsilon
     pad_vocab_to: int = 128         # pad to a multiple of pad_vocab_to * tp
     # gpt2: LayerNorm, GELU MLP of ffn_mult*h, learned positions, biases, tied head.
     # llama: RMSNorm, SwiGLU MLP of ffn_hidden, rotary positions, no biases, kv_heads.
     arch: str = "gpt2"
     kv_heads: int = 0               # llama grouped-query attention; 0: = heads
     ffn_hidden: int = 0             # llama MLP width; 0: 8/3 h rounded up to a multiple of 64
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0     # llama rotary base
     tie_embeddings: Any = None      # None: true for gpt2, false for llama
 
 
@@ -76,11 +76,11 @@ def tied(m: "ModelConfig") -> bool:
 
 @dataclass
 class ApolloConfig:
-    enabled: bool = False
+    enabled: bool = False           # false: plain full-depth training (stages = [model.layers])
     stages: list = field(default_factory=list)       # unique-layer counts, last == model.layers
     stage_ends: list = field(default_factory=list)   # fractions of train.steps, or step numbers
-    sampler: str = "lvps"
-    grow: str = "interpolate"
+    sampler: str = "lvps"           # depth distribution within a stage (LVPS: the paper's)
+    grow: str = "interpolate"       # layer map: interpolate (i -> floor(i*N/d)) or stack
     # Adam state of the grown pool (apollo/expand.py): copy (each new layer takes its source's
     # moments and step count), copy_scaled (the same, moments divided by k and k^2 for the k
     # uses a source layer's gradient summed, relative to a copy's), reset (every copy but the
@@ -100,8 +100,8 @@ class ApolloConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1                     # tensor-parallel size (megatron-core layers)
+    pp: int = 1                     # pipeline stages (DeepSpeed pipeline engine)
 
 
 @dataclass
@@ -113,36 +113,36 @@ class DataConfig:
     # tokenizer_type names it (sentencepiece, huggingface, gpt2, tiktoken)
     tokenizer: str | None = None
     tokenizer_type: str = "auto"
-    split: str = "98,2,0"
+    split: str = "98,2,0"           # train,valid,test document weights of every blend member
     # separate held-out data (a prefix or blend, like data.prefix): when either is set,
     # training reads all of data.prefix, evaluation all of valid_prefix; data.split is unused
     valid_prefix: Any = None
-    test_prefix: Any = None
+    test_prefix: Any = None         # separate test data, like valid_prefix
     cache_dir: str | None = None    # index cache; default <out_dir>/index_cache
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    micro_batch: int = 4
-    global_batch: int = 8
-    lr: float = 1e-3
-    min_lr: float = 0.0
+    steps: int = 100                # optimizer steps of the whole run
+    micro_batch: int = 4            # sequences per rank per forward
+    global_batch: int = 8           # sequences per optimizer step (accumulation fills the gap)
+    lr: float = 1e-3                # peak learning rate
+    min_lr: float = 0.0             # learning rate at the end of the schedule
     warmup: float = 0.025           # fraction of steps (<1) or a number of steps (>=1)
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01      # AdamW decoupled weight decay (not on norms and biases)
+    beta1: float = 0.9              # Adam beta1
+    beta2: float = 0.95             # Adam beta2
+    grad_clip: float = 1.0          # global gradient-norm clip (0: none)
     optimizer: str = "adamw"        # adamw: torch AdamW object; torch_adam: DeepSpeed config AdamW
-    seed: int = 1234
-    out_dir: str = "runs/default"
+    seed: int = 1234                # init, data order, depth sampling and dropout seed
+    out_dir: str = "runs/default"   # run directory: checkpoints, metrics, logs
     save_interval: int = 0          # 0: only at the end
     eval_interval: int = 0          # 0: only at the end
     eval_iters: int = 4             # global batches of held-out samples per evaluation
-    log_interval: int = 10
-    deepspeed_config: str = "ds_configs/zero1_fp32.json"
+    log_interval: int = 10          # steps between log lines
+    deepspeed_config: str = "ds_configs/zero1_fp32.json"  # ZeRO stage and precision
     stop_after: int = 0             # >0: stop (with a checkpoint) after this step; for tests
-    check_plan_agreement: bool = False
+    check_plan_agreement: bool = False  # check every rank drew the same plan each step
     # activation recompute: full re-runs every transformer layer in backward, selective only
     # the attention core (softmax(QK^T)V), none keeps every activation
     recompute: str = "none"
@@ -151,7 +151,7 @@ class TrainConfig:
     # the newest checkpoint untouched; skip: drop the step (no update; its data is consumed)
     # and go on, stopping at more than max_skipped such steps in a row
     on_nonfinite: str = "stop"
-    max_skipped: int = 10
+    max_skipped: int = 10           # on_nonfinite=skip: most non-finite steps in a row
     # a step, save, expansion or evaluation (a collective waiting on a dead peer) that makes no
     # progress for this long ends the process with one line (Megatron's
     # --distributed-timeout-minutes); also the process group's collective timeout
