@@ -214,6 +214,15 @@ def test_export_refusals(tp2_run, corpus, tmp_path, capsys):
     (old / rundir.MANIFEST).unlink()                 # older runs wrote no manifest either
     (tmp_path / "old" / rundir.LATEST).write_text("step_1")
     assert "--tokenizer" in refused(tmp_path / "old")
+    # Written before the layout-free params/ copy: DeepSpeed's own files are not read any more.
+    older = tmp_path / "older" / "step_1"
+    shutil.copytree(run_tag, older)
+    shutil.rmtree(older / rundir.PARAMS)
+    (older / rundir.MANIFEST).unlink()
+    assert refused(older, *tok) == (
+        f"to_hf: error: checkpoint {older} has no layout-free params/ copy (written by an older "
+        f"version); resume it once with this version and let it save, then use the new "
+        f"checkpoint\n")
 
 
 @pytest.mark.slow
