@@ -23,16 +23,19 @@ def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
                  env=os.environ) -> None:
     from apollo_ds.data import check_data_inputs
     from apollo_ds.data.datasets import parse_blend
-    from apollo_ds.value_checks import check_data_contents, check_launch_shape, check_memory
+    from apollo_ds.value_checks import (check_data_contents, check_disk, check_launch_shape,
+                                        check_memory)
     from apollo_ds.training.engine import load_ds_config, model_dtype, zero_stage
     validate(cfg, world_size=world)
     check_launch_shape(cfg, world)
     p = cfg.parallel
     dp = (world or 1) // (p.tp * p.pp)
     ds = load_ds_config(cfg, dp)
-    check_memory(cfg, world, zero_stage(ds), ds.get("bf16", {}).get("enabled", False), env)
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    check_memory(cfg, world, zero_stage(ds), bf16, env)
     check_launch_env(env, rank)
     check_writable("train.out_dir", cfg.train.out_dir)
+    check_disk(cfg, bf16)
     if cfg.data.cache_dir:
         check_writable("data.cache_dir", cfg.data.cache_dir)
     # one writer per run directory, taken before the checkpoint is read (another run could be

@@ -9,7 +9,8 @@ Rerunning the same command resumes from the latest complete checkpoint in train.
 Exit codes: 0 done (or stopped by a signal, with a checkpoint); 2 a bad config, launch or
 input, refused before any work; 3 a non-finite loss or gradient stopped the run before its
 optimizer step (train.on_nonfinite, train.max_skipped); 4 the launcher died; 5 no progress for
-train.dist_timeout_minutes (a dead or hung peer); 128+N a second signal N aborted the run;
+train.dist_timeout_minutes (a dead or hung peer); 6 a checkpoint could not be written (no room,
+a full disk, permissions; earlier checkpoints intact); 128+N a second signal N aborted the run;
 anything else: a crash.
 """
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
         if dist.rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from apollo_ds.training.loop import EXIT_SAVE, SaveError
     from apollo_ds.training.nonfinite import EXIT_NONFINITE, NonFiniteError
     try:
         trainer.run()
@@ -90,6 +92,13 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         distributed.shutdown()
         return EXIT_NONFINITE
+    except SaveError as e:
+        if e.own:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if e.agreed:
+            distributed.shutdown()
+            return EXIT_SAVE
+        os._exit(EXIT_SAVE)   # the peers may wait inside the save: the launcher ends them
     except Exception:
         if watchdog.orphaned():   # a peer left with the dead launcher: one line, no traceback
             watchdog.exit_orphaned()

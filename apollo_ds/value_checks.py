@@ -271,3 +271,36 @@ def check_launch_shape(cfg: RunConfig, world: int | None) -> None:
                           f"this is 1 process started without a launcher; run it with "
                           f"torchrun --nproc_per_node {n} (or deepspeed --num_gpus {n}, srun, "
                           f"mpirun -np {n})")
+
+
+# ------------------------------------------------------------------ disk
+# Bytes a checkpoint holds per parameter: DeepSpeed's engine files (the weights in the model's
+# dtype, the fp32 master and two Adam moments) plus the layout-free copy (fp32 master and two
+# moments); measured 3.88 MB for the 133 k-parameter test model at ZeRO 1 fp32 (29 B each).
+def checkpoint_bytes(cfg: RunConfig, bf16: bool, layers: int | None = None) -> int:
+    """A checkpoint's size on disk for a pool of ``layers`` unique layers (default: the full
+    model), with a 10% margin for the small files and the biases the count leaves out."""
+    if layers is not None and layers != cfg.model.layers:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=layers))
+    per_param = (2 if bf16 else 4) + 12 + 12
+    return int(1.1 * param_count(cfg) * per_param)
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes for an unprivileged writer on the file system that holds ``path`` (or the
+    nearest existing parent: out_dir may not exist yet)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_disk(cfg: RunConfig, bf16: bool) -> None:
+    """Refuse a run whose out_dir cannot hold one full-size checkpoint."""
+    need, have = checkpoint_bytes(cfg, bf16), free_bytes(cfg.train.out_dir)
+    if have < need:
+        raise ConfigError(f"train.out_dir={cfg.train.out_dir} has {have / 2**20:,.1f} MiB free "
+                          f"but one checkpoint of this model needs about {need / 2**20:,.1f} "
+                          f"MiB; free space there or choose another train.out_dir")

@@ -41,6 +41,28 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+class WriteError(OSError):
+    """A write phase of a save failed on some rank (``own``: this one; ``cause`` its error).
+    Raised on every rank together, before the manifest and ``latest``: nothing earlier moves."""
+
+    def __init__(self, cause: OSError | None):
+        super().__init__(*(cause.args if cause else ("failed on another rank",)))
+        self.own, self.cause = cause is not None, cause
+        self.filename = getattr(cause, "filename", None)
+
+
+def _phase(fn) -> None:
+    """Run one write phase; an OSError on any rank (full disk, permissions) ends the save on
+    all of them at the same point, so none waits in a collective the others never reach."""
+    err = None
+    try:
+        fn()
+    except OSError as e:
+        err = e
+    if _agree_any(err is not None):
+        raise WriteError(err)
+
+
 def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
          write_extra=None) -> str:
     """DeepSpeed's files, then ``write_extra(tag_dir)`` (collective: the layout-free state),
@@ -51,10 +73,13 @@ def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
         # a killed run completed this tag but never named it in `latest`: rewriting it, it is
         # incomplete again until the new manifest (a kill now must not leave the old one)
         os.remove(os.path.join(tag_dir, rundir.MANIFEST))
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"apollo_run_state": run_state},
-                           save_latest=False)
+    def engine_files():
+        engine.save_checkpoint(ckpt_dir, tag=tag,
+                               client_state={"apollo_run_state": run_state}, save_latest=False)
+        faults.disk_full(run_state["step"], tag_dir)   # test-only: a full disk mid-save
+    _phase(engine_files)
     if write_extra is not None:
-        write_extra(tag_dir)
+        _phase(lambda: write_extra(tag_dir))
     _barrier()      # every writer done before anyone lists the files to fsync
     # Each rank flushes what it (and anyone) wrote: on a shared file system fsync must come
     # from the writer, and every rank's own files are among these.

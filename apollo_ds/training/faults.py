@@ -9,6 +9,8 @@ place. Unset (always, outside the test suite) it does nothing. Items are separat
                             written and before the manifest and ``latest`` (kill -9 trials)
   sleep_expand@s=1.5        every Apollo expansion sleeps 1.5 s between the old engine's
                             teardown and the new one's build
+  enospc_save@step=4@rank=1 the save of step 4 fails on rank 1 with ENOSPC (a full disk)
+                            after DeepSpeed's files, while the layout-free state is written
 
 A sleeping process prints ``fault: sleep_<where> ...`` first, so a test can aim a kill."""
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import torch
 
 ENV = "APOLLO_DS_FAULT"
-KINDS = ("nan_loss", "nan_grad", "inf_grad", "sleep_save", "sleep_expand")
+KINDS = ("nan_loss", "nan_grad", "inf_grad", "sleep_save", "sleep_expand", "enospc_save")
 
 
 def _parse(text: str) -> list[dict]:
@@ -98,3 +100,10 @@ def sleep(where: str, what: str = "") -> None:
         print(f"fault: sleep_{where} {it.get('s', 1.0)} s {what}".rstrip(), flush=True,
               file=sys.stdout)
         time.sleep(it.get("s", 1.0))
+
+
+def disk_full(step: int, path: str) -> None:
+    """``enospc_save``: raise the OSError a full disk gives while writing ``path``."""
+    if _ITEMS and _match("enospc_save", step):
+        import errno
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

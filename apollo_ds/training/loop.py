@@ -26,8 +26,20 @@ from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import DeviceStats, MetricsLog, print0
 from apollo_ds.training.nonfinite import NonFiniteError
 from apollo_ds.training.runtime import make_runtime
+from apollo_ds.value_checks import checkpoint_bytes, free_bytes
 
 NonFiniteLoss = NonFiniteError   # the old name
+EXIT_SAVE = 6
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (no room, a full disk, permissions); every earlier
+    checkpoint and ``latest`` are untouched. ``agreed``: every rank raised it together;
+    ``own``: this rank's write failed (it says what and where)."""
+
+    def __init__(self, msg: str, agreed: bool, own: bool = True):
+        super().__init__(msg)
+        self.agreed, self.own = agreed, own
 
 
 def step_seed(seed: int, step: int, dp_rank: int, pp_rank: int) -> int:
@@ -246,11 +258,38 @@ class Trainer:
                                f"{time.perf_counter() - t0:.1f}s")
 
     def save(self) -> None:
-        tag = checkpoint.save(
-            self.engine, self.ckpt_dir, self._run_state(), self.dist.rank,
-            keep=self.cfg.train.keep_checkpoints,
-            write_extra=lambda tag_dir: portable.write(self.runtime, tag_dir,
-                                                       self.cfg.model.vocab_size))
+        """Write a checkpoint. Not enough room (agreed by all ranks before anything is written)
+        or a failing write raise SaveError: earlier checkpoints and ``latest`` stay as they
+        were, and the half-written tag has no manifest, so it is never loaded."""
+        step, tag = self.step, rundir.tag_for(self.step)
+        kept = (f"the earlier checkpoints and {rundir.LATEST} "
+                f"({rundir.read_latest(self.ckpt_dir) or 'none yet'}) are intact")
+        need = checkpoint_bytes(self.cfg, self.runtime.dtype == torch.bfloat16,
+                                layers=self.model.n_unique)
+        free = free_bytes(self.ckpt_dir)
+        if all_reduce([float(free < need)], op="max").tolist()[0] > 0:
+            raise SaveError(f"not enough room for the checkpoint of step {step} in "
+                            f"{self.ckpt_dir}: {free / 2**20:,.1f} MiB free on some rank, about "
+                            f"{need / 2**20:,.1f} MiB needed; nothing was written and {kept}; "
+                            f"free space there and rerun the same command to resume", True,
+                            self.dist.rank == 0)
+        try:
+            checkpoint.save(
+                self.engine, self.ckpt_dir, self._run_state(), self.dist.rank,
+                keep=self.cfg.train.keep_checkpoints,
+                write_extra=lambda tag_dir: portable.write(self.runtime, tag_dir,
+                                                           self.cfg.model.vocab_size))
+        except OSError as e:
+            # WriteError: raised on every rank together; only the failing ranks say why
+            agreed = isinstance(e, checkpoint.WriteError)
+            own = e.own if agreed else True
+            cause = (e.cause if agreed else e) or e
+            where = cause.filename or self.ckpt_dir
+            raise SaveError(f"rank {self.dist.rank}: saving the checkpoint of step {step} "
+                            f"failed: {cause.strerror or cause} ({where}); {kept} ({tag} has "
+                            f"no manifest and is never loaded); free space or fix permissions "
+                            f"in {self.ckpt_dir}, then rerun the same command to resume",
+                            agreed, own) from None
         print0(self.dist.rank, f"saved checkpoint {os.path.join(self.ckpt_dir, tag)}")
 
     # ---------------------------------------------------------------- the run
