@@ -8,6 +8,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from apollo_ds import rundir
 from tests.conftest import pretrain, read_metrics, write_config
@@ -101,6 +102,25 @@ def test_checkpoint_without_layout_free_state_is_refused_under_another_layout(co
                                                                               tmp_path):
     run(tmp_path, corpus, "dp1_z1", "straight", stop_after=SAVE_AT)
     tag_dir = tmp_path / "straight" / rundir.CHECKPOINTS / rundir.tag_for(SAVE_AT)
+    # strict loading first: a params/ tensor cut to half its rows (manifest re-recorded, so
+    # only the shape check can notice) is refused naming the parameter, the file and both
+    # shapes, never zero-padded
+    from_checkpoint(tmp_path, "straight", "cut")
+    cut_dir = tmp_path / "cut" / rundir.CHECKPOINTS / rundir.tag_for(SAVE_AT)
+    path = cut_dir / rundir.PARAMS / "pool.0.fc1.weight.pt"
+    entry = torch.load(path, weights_only=True)
+    rows, cols = entry["param"].shape
+    torch.save({k: v[: rows // 2].clone() for k, v in entry.items()}, path)
+    manifest = json.loads((cut_dir / rundir.MANIFEST).read_text())
+    manifest["files"]["params/pool.0.fc1.weight.pt"] = {"size": path.stat().st_size,
+                                                        "sha256": rundir.sha256(str(path))}
+    (cut_dir / rundir.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(AssertionError) as e:
+        run(tmp_path, corpus, "tp2_z1", "cut")
+    assert (f"error: parameter pool.0.fc1.weight: {path} holds param of shape [{rows // 2}, "
+            f"{cols}] but index.json records [{rows}, {cols}]; the checkpoint is corrupt: use "
+            f"an older tag\n") in str(e.value)
+    assert "exitcode  : 2" in str(e.value)
     shutil.rmtree(tag_dir / rundir.PARAMS)
     manifest = json.loads((tag_dir / rundir.MANIFEST).read_text())
     manifest["files"] = {k: v for k, v in manifest["files"].items()
