@@ -4,7 +4,8 @@
 checkpoint's layer map, reusing the training modules' parameters but not their forward (which
 has no cache): per depth position i (pool layer ``layer_map[i]``) it keeps the keys and values
 of every token seen so far, so each new token costs one token's work. ``HFDecoder`` does the
-same for an exported Hugging Face model through its own ``past_key_values``.
+same for an exported Hugging Face model through its own cache (``cache`` /
+``past_key_values``).
 
 Both take a batch of prompts of different lengths, left-padded: pads are masked out as keys
 and every row has its own positions (0 at its first real token), so a row's logits do not
@@ -125,13 +126,17 @@ class HFDecoder:
     """Cached decoding of a transformers causal LM through its past_key_values."""
 
     def __init__(self, model, vocab_size: int):
+        import inspect
         self.m, self.vocab = model, vocab_size
         self.device = next(model.parameters()).device
+        # transformers 5.x renamed past_key_values to cache (the old name warns)
+        self.key = "cache" if "cache" in inspect.signature(model.forward).parameters \
+            else "past_key_values"
 
     def _run(self, tokens, pos):
         out = self.m(input_ids=tokens, attention_mask=self.valid.long(), position_ids=pos,
-                     past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+                     use_cache=True, **{self.key: self.past})
+        self.past = getattr(out, self.key)
         return out.logits[:, -1, :self.vocab].float()
 
     @torch.no_grad()

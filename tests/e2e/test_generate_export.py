@@ -17,7 +17,7 @@ from tests.conftest import Corpus, pretrain_and_export, real_text_lines, run
 APOLLO = [sys.executable, "-m", "apollo_ds.cli"]
 PROMPTS = ["The king said", "And then the", "It was a"]
 NOISE = ("Transformer Engine", "Apex", "Setting accelerator", "ds_accelerator",
-         "DeprecationWarning", "to_hf:")
+         "DeprecationWarning", "FutureWarning", "deprecated", "to_hf:")
 
 
 @pytest.fixture(scope="module")

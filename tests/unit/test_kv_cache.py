@@ -108,3 +108,34 @@ def test_bad_sampling_options_refused(kw, message):
     with pytest.raises(ConfigError) as e:
         check_options(**(args | kw))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_decoder_steps_equal_the_full_forward(arch):
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from apollo_ds.downstream.kv_cache import HFDecoder
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=SEQ, n_embd=64,
+                                           n_layer=3, n_head=4))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             intermediate_size=128,
+                                             max_position_embeddings=SEQ))
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (6, 2, 4)]
+    extra = torch.randint(0, 100, (3, 5), generator=g).tolist()
+    dec = HFDecoder(model, 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no deprecated argument names
+        got = [dec.start(rows)] + [dec.step([e[j] for e in extra]) for j in range(5)]
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            full = model(torch.tensor([row + extra[i]])).logits[0]
+        for j, step_logits in enumerate(got):
+            assert torch.allclose(step_logits[i], full[len(row) - 1 + j], atol=1e-4), (i, j)
