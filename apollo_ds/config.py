@@ -306,8 +306,6 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
         if not ok:
             raise ConfigError(msg)
 
-    from apollo_ds.value_checks import check_values
-    check_values(cfg)   # types and ranges of the values themselves
     for name in ("layers", "hidden", "heads", "seq_len", "vocab_size", "ffn_mult"):
         need(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
     need(m.hidden % m.heads == 0,

@@ -24,8 +24,9 @@ def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
     from apollo_ds.data import check_data_inputs
     from apollo_ds.data.datasets import parse_blend
     from apollo_ds.value_checks import (check_data_contents, check_disk, check_launch_shape,
-                                        check_memory)
+                                        check_memory, check_values)
     from apollo_ds.training.engine import load_ds_config, model_dtype, zero_stage
+    check_values(cfg)   # the values' own types and ranges, before validate() combines them
     validate(cfg, world_size=world)
     check_launch_shape(cfg, world)
     p = cfg.parallel
