@@ -1,8 +1,10 @@
-"""Pool expansion at an Apollo stage boundary as a pure transform of the full training state
-(design/architecture.md, "The Runtime seam"): the runtime gathers every parameter's full fp32
-master and Adam moments by canonical name (``pool.<i>.<rest>`` for pool layers), this module
-says what the grown pool's state is, and the runtime scatters it into a new engine's
-partitions. No engine, process group or device is touched here.
+"""Pool expansion at an Apollo stage boundary as a pure, per-parameter transform of the
+training state (design/architecture.md, "The Runtime seam"): ``expansion_rules`` says, for each
+parameter of the grown pool (canonical names, ``pool.<i>.<rest>`` for pool layers), which old
+parameter's fp32 master and which one's Adam moments it starts from, and ``apply_rule`` makes
+one new entry from those. The runtime streams the rules over its sharded state, one parameter
+at a time (training/growth.py), so no rank ever holds the whole model's state; ``grow_state``
+applies them to a whole in-memory state. No engine, process group or device is touched here.
 
 New pool layer i always starts from the master weights of old layer
 ``s_i = expansion_sources(n_old, n_new, grow)[i]``. Its Adam state (``apollo.optimizer_state``):
@@ -147,37 +149,71 @@ class GrowthNoise:
         return full * (self.sigma * float(self.std[src_name]))
 
 
-def grow_state(state: dict, n_old: int, n_new: int, grow: str = "interpolate",
-               optimizer_state: str = "copy", scales: list[float] | None = None,
-               noise: GrowthNoise | None = None) -> dict:
-    """The full state of the grown pool: canonical name -> {"param", "exp_avg",
-    "exp_avg_sq"}, a moment None meaning zero. Untouched entries are shared with ``state``, not
-    copied (the runtime writes them out). ``scales``: k_i per new layer (copy_scaled only,
-    ``moment_scales``); ``noise``: symmetry breaking on fresh copies."""
+@dataclass(frozen=True)
+class Rule:
+    """How one parameter of the grown pool is made from the old state: ``source``'s master
+    weights, ``moments``' Adam moments (None: zero, a fresh Adam) divided by ``scale`` and
+    ``scale``^2 (copy_scaled; None: unchanged), plus growth noise where ``noise``."""
+    name: str
+    source: str
+    moments: str | None
+    scale: float | None = None
+    noise: bool = False
+
+
+def expansion_rules(names, n_old: int, n_new: int, grow: str = "interpolate",
+                    optimizer_state: str = "copy", scales: list[float] | None = None
+                    ) -> list[Rule]:
+    """One Rule per parameter of the grown model (``grown_names`` order), from the old
+    model's canonical ``names``: what ``grow_state`` does, one parameter at a time, so a
+    runtime can stream it over sharded state (see the module docstring for the modes)."""
     _check_mode(optimizer_state)
     sources = expansion_sources(n_old, n_new, grow)
     fresh = fresh_layers(sources)
     if optimizer_state == "copy_scaled" and (scales is None or len(scales) != n_new):
         raise ValueError("optimizer_state=copy_scaled needs one moment scale per new layer")
-    out = {}
-    for name in grown_names(list(state), n_new):
-        src_name = source_name(name, sources)
-        entry = dict(state[src_name])
+    rules = []
+    for name in grown_names(list(names), n_new):
+        src = source_name(name, sources)
         i = pool_index(name)
-        if i is not None:
-            if optimizer_state == "reset" and i in fresh:
-                entry["exp_avg"] = entry["exp_avg_sq"] = None
-            elif optimizer_state == "release":
-                own = state.get(name) if i < n_old else None
-                entry["exp_avg"] = own["exp_avg"] if own else None
-                entry["exp_avg_sq"] = own["exp_avg_sq"] if own else None
-            elif optimizer_state == "copy_scaled":
-                k = float(scales[i])
-                if entry["exp_avg"] is not None:
-                    entry["exp_avg"] = entry["exp_avg"] / k
-                if entry["exp_avg_sq"] is not None:
-                    entry["exp_avg_sq"] = entry["exp_avg_sq"] / (k * k)
-            if noise is not None and noise.sigma > 0 and i in fresh:
-                entry["param"] = entry["param"] + noise.sample(name, src_name, entry["param"])
-        out[name] = entry
-    return out
+        if i is None:
+            rules.append(Rule(name, src, src))
+            continue
+        moments, scale = src, None
+        if optimizer_state == "reset" and i in fresh:
+            moments = None
+        elif optimizer_state == "release":
+            moments = name if i < n_old else None
+        elif optimizer_state == "copy_scaled":
+            scale = float(scales[i])
+        rules.append(Rule(name, src, moments, scale, i in fresh))
+    return rules
+
+
+def apply_rule(rule: Rule, param: torch.Tensor, moments: dict | None,
+               noise: GrowthNoise | None = None) -> dict:
+    """{"param", "exp_avg", "exp_avg_sq"} of ``rule.name`` from its source's ``param`` and
+    the moments entry ``moments`` (of ``rule.moments``; None or a None moment: zero). Tensors
+    that need no change are returned as given, not copied."""
+    m = moments.get("exp_avg") if moments is not None else None
+    v = moments.get("exp_avg_sq") if moments is not None else None
+    if rule.scale is not None:
+        k = rule.scale
+        m = m / k if m is not None else None
+        v = v / (k * k) if v is not None else None
+    if noise is not None and noise.sigma > 0 and rule.noise:
+        param = param + noise.sample(rule.name, rule.source, param)
+    return {"param": param, "exp_avg": m, "exp_avg_sq": v}
+
+
+def grow_state(state: dict, n_old: int, n_new: int, grow: str = "interpolate",
+               optimizer_state: str = "copy", scales: list[float] | None = None,
+               noise: GrowthNoise | None = None) -> dict:
+    """The full state of the grown pool: canonical name -> {"param", "exp_avg",
+    "exp_avg_sq"}, a moment None meaning zero; ``apply_rule`` over ``expansion_rules`` on a
+    whole in-memory state (the runtime streams the same rules over its shards instead).
+    ``scales``: k_i per new layer (copy_scaled only, ``moment_scales``); ``noise``: symmetry
+    breaking on fresh copies."""
+    return {r.name: apply_rule(r, state[r.source]["param"],
+                               state[r.moments] if r.moments else None, noise)
+            for r in expansion_rules(list(state), n_old, n_new, grow, optimizer_state, scales)}

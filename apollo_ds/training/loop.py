@@ -20,12 +20,13 @@ from apollo_ds.config import ConfigError, RunConfig
 from apollo_ds.data import build_datasets
 from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
-from apollo_ds.training import checkpoint, faults, portable, resume, signals, watchdog
+from apollo_ds.training import checkpoint, portable, resume, signals, watchdog
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import DeviceStats, MetricsLog, print0
 from apollo_ds.training.nonfinite import NonFiniteError
 from apollo_ds.training.runtime import make_runtime
+from apollo_ds.training.state import optimizer_step_count
 from apollo_ds.value_checks import checkpoint_bytes, free_bytes
 
 NonFiniteLoss = NonFiniteError   # the old name
@@ -241,18 +242,13 @@ class Trainer:
         return self.runtime.evaluate()
 
     def expand(self, n_new: int) -> None:
-        """Grow the pool: full state out of the old engine, the pure growth transform, full
-        state into a new engine built for the larger pool."""
+        """Grow the pool: a new engine for the larger pool, its state streamed from the old
+        engine's shards one parameter at a time (training/growth.py)."""
         t0 = time.perf_counter()
         rt, a = self.runtime, self.cfg.apollo
         n_old = rt.n_unique
-        state, step = rt.full_state()
-        grown, offsets = grow(rt, self.cfg, state, n_old, n_new, step,
-                              self.schedule.stage_index(step + 1))
-        rt.destroy()
-        del state
-        faults.sleep("expand", f"{n_old} -> {n_new}")   # test-only (kill -9 trials)
-        rt.build(n_new, grown, step, offsets)
+        step = optimizer_step_count(self.engine)
+        grow(rt, self.cfg, n_new, step, self.schedule.stage_index(step + 1))
         print0(self.dist.rank, f"expanded pool {n_old} -> {n_new} unique layers "
                                f"({a.grow}, optimizer state {a.optimizer_state}) in "
                                f"{time.perf_counter() - t0:.1f}s")

@@ -95,27 +95,37 @@ def read_state(engine, named_parameters) -> dict[str, dict[str, torch.Tensor]]:
     return {name: read_entry(engine, p) for name, p in named_parameters}
 
 
-def write_state(engine, named_parameters, state: dict, step: int) -> None:
-    """Write ``state[name]`` (full fp32 masters and moments; a missing moment is zero) into
-    the engine's partitions; Adam's bias correction continues from ``step`` minus each
-    parameter group's ``step_offset`` (a pool layer's own Adam step count)."""
-    opt = engine.optimizer
-    for name, p in named_parameters:
-        src = state[name]
-        values = {"param": src["param"]}
-        for key in MOMENTS:
-            values[key] = src[key] if src.get(key) is not None else torch.zeros_like(src["param"])
+def write_entry(engine, p, values: dict) -> None:
+    """Write one parameter's full (tensor-parallel shard) fp32 ``values`` ({"param",
+    "exp_avg", "exp_avg_sq"}; a missing or None moment is zero) into the engine: the module
+    (low-precision) weights, the fp32 master and the Adam moments. Under ZeRO-3 the module
+    weights are rewritten through a gather of that one parameter (collective over its
+    data-parallel group: every rank calls it for the same parameters in the same order)."""
+    param = values["param"]
+    moments = {k: values[k] if values.get(k) is not None else torch.zeros_like(param)
+               for k in MOMENTS}
+    with torch.no_grad():
+        if hasattr(p, "ds_id"):
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(param.reshape(p.shape).to(p.device, p.dtype))
+        elif _uses_hp_mapping(p):
+            p.data.copy_(param.reshape(p.shape).to(p.device, p.dtype))
         if _uses_hp_mapping(p):
-            safe_set_full_fp32_param(p, values["param"].to(p.device))
+            safe_set_full_fp32_param(p, param.to(p.device))
             for key in MOMENTS:
-                safe_set_full_optimizer_state(p, values[key].to(p.device), key)
-        else:
-            with torch.no_grad():
-                p.copy_(values["param"].to(p.device, p.dtype))
-            slot = opt.state[p]
+                safe_set_full_optimizer_state(p, moments[key].to(p.device), key)
+        else:   # ZeRO 0, fp32: the module parameter is the master
+            p.copy_(param.reshape(p.shape).to(p.device, p.dtype))
+            slot = engine.optimizer.state[p]
             for key in MOMENTS:
-                slot[key].copy_(values[key].to(slot[key].device))
-    # One counter per flat group (ZeRO) or per parameter (ZeRO 0).
+                slot[key].copy_(moments[key].reshape(slot[key].shape).to(slot[key].device))
+
+
+def set_step_counts(engine, step: int) -> None:
+    """Adam's bias correction continues from ``step`` minus each parameter group's
+    ``step_offset`` (a pool layer's own Adam step count): one counter per flat group (ZeRO)
+    or per parameter (ZeRO 0)."""
     for g, slot in state_slots(engine):
         own = step - int(g.get("step_offset", 0))
         if own < 0:
@@ -124,6 +134,14 @@ def write_state(engine, named_parameters, state: dict, step: int) -> None:
             slot["step"].fill_(own)
         else:
             slot["step"] = own
+
+
+def write_state(engine, named_parameters, state, step: int) -> None:
+    """Write ``state[name]`` (full fp32 masters and moments, read one name at a time, so a
+    lazy Mapping keeps one parameter in memory) into a primed engine, then the step counts."""
+    for name, p in named_parameters:
+        write_entry(engine, p, state[name])
+    set_step_counts(engine, step)
 
 
 @contextmanager

@@ -1,0 +1,39 @@
+"""No rank ever holds the whole model's state during an expansion or a save: every gathered
+tensor (another rank's data) is tracked while alive (workers/memory_bound_check.py), and the
+largest set alive at once is bounded by the largest single parameter, not by the model."""
+import json
+
+import pytest
+
+from tests.conftest import torchrun, write_config
+
+
+def _run(tmp_path, corpus, zero, parallel=None):
+    cfg = write_config(tmp_path / "run.yaml", corpus, model={"layers": 8},
+                       apollo={"enabled": True, "stages": [2, 4, 8], "stage_ends": [3, 5]},
+                       parallel=parallel or {},
+                       train={"steps": 8, "out_dir": str(tmp_path / "out"),
+                              "deepspeed_config": f"ds_configs/zero{zero}_fp32.json"})
+    out = tmp_path / "result.json"
+    torchrun(2, "tests/distributed/workers/memory_bound_check.py",
+             ["--config", str(cfg), "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("zero,parallel", [(3, {}), (0, {}), (1, {"tp": 2}),
+                                           (1, {"pp": 2})])
+def test_expansion_and_save_gather_one_parameter_at_a_time(zero, parallel, corpus, tmp_path):
+    for r in _run(tmp_path, corpus, zero, parallel):
+        model_state = 12 * sum(r["full_numel"])          # fp32 master + 2 moments, all of it
+        largest = 12 * max(r["full_numel"])             # the same for the largest parameter
+        # expansion: one gather of (master, exp_avg, exp_avg_sq) of one TP shard at a time,
+        # and every grown parameter's source gathered exactly once (optimizer_state=copy)
+        e = r["expand"]
+        assert 0 < e["peak"] <= 12 * r["largest_tp_numel"], (r["rank"], e)
+        if not parallel.get("pp"):   # under PP the gather covers every stage's parameters
+            assert e["total"] == 12 * sum(r["tp_numel"]), (r["rank"], e)
+        assert e["peak"] * 4 < model_state, (r["rank"], e)
+        # save: at most the largest parameter's full tensors (and their TP parts) at once
+        s = r["save"]
+        assert s["peak"] <= 2 * largest, (r["rank"], s)
+        assert s["peak"] * 4 < model_state, (r["rank"], s)
