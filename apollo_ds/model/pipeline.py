@@ -161,7 +161,8 @@ class _Replica:
         if count == 0 and torch.is_grad_enabled():
             # Exact no-op that gives every parameter a (zero) gradient.
             x = x + 0.0 * sum(p.sum() for p in self.parameters())
-        layer = super().forward   # the architecture's layer (next in the MRO)
+        # the architecture's layer (next in the MRO), or its compiled call (train.compile)
+        layer = getattr(self, "block_forward", None) or super().forward
         for _ in range(count):
             x = run_layer(layer, x, self.recompute == "full")
         return x

@@ -31,6 +31,11 @@ def load_ds_config(cfg: RunConfig, dp: int) -> dict:
     if cfg.parallel.pp > 1 and stage >= 2:
         raise ConfigError(f"{path}: ZeRO stage {stage} cannot be combined with pipeline "
                           f"parallelism (parallel.pp={cfg.parallel.pp}); use ZeRO 0 or 1")
+    if t.compile and stage == 3:
+        # ZeRO-3 gathers each block's parameters in module hooks that would run inside the
+        # compiled block
+        raise ConfigError(f"{path}: train.compile=true is not supported with ZeRO stage 3; use "
+                          f"ZeRO 1 or 2 (ds_configs/zero2_bf16.json) or train.compile=false")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16 is not supported; use bf16 (ds_configs/*_bf16.json) "
                           f"or fp32")
@@ -135,6 +140,11 @@ def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist,
         # TF32 tensor cores for fp32 matmuls and convolutions (fp32 configs; no effect on bf16)
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
+    if t.compile:
+        from apollo_ds.model.compile import compile_blocks
+        from apollo_ds.model.gpt import Block
+        from apollo_ds.model.llama import LlamaBlock
+        compile_blocks(model, (Block, LlamaBlock))
     optimizer = None
     if "optimizer" not in ds:
         # The fused (multi-tensor, single-kernel) AdamW on CUDA; the same math on CPU.
