@@ -5,6 +5,8 @@ A Runtime owns the model and the DeepSpeed engine of the current pool size and o
   run_step(step, plan, guard)   all micro-batches of one optimizer step; right before the
                                 optimizer step ``guard`` decides step or skip (nonfinite.py)
   evaluate()                    held-out loss at full depth
+  shard_source()                this rank's own fp32 fragments, gathered one parameter at a
+                                time (the streamed expansion, training/growth.py)
   full_state() / load_full_state(state, step)
                                 fp32 masters + Adam moments by canonical parameter name
   full_weights()                full unsharded fp32 weights (export, parity tests)
@@ -25,7 +27,9 @@ from apollo_ds.data import get_micro_batch
 from apollo_ds.distributed import MegatronMPU, all_reduce
 from apollo_ds.model import PoolGPT, init_weights
 from apollo_ds.training import faults, nonfinite
-from apollo_ds.training.engine import build_engine, model_dtype, param_groups, pool_lr_scale
+from apollo_ds.training.engine import (build_engine, model_dtype, param_groups, pool_lr_scale,
+                                      zero_stage)
+from apollo_ds.training.shards import ShardSource
 from apollo_ds.training.state import optimizer_step_count, priming, read_state, write_state
 
 
@@ -124,25 +128,41 @@ class Runtime:
             raise ValueError(f"{len(offsets)} Adam step offsets for {n_unique} pool layers")
         self.step_offsets = offsets
         model = self.new_model(n_unique)
-        if state is not None:
-            with torch.no_grad():  # module weights first: the engine builds masters from them
-                for name, p in self.canonical(model):
-                    p.copy_(state[name]["param"].to(p.dtype))
-        model.to(self.dist.device)
+        if not self.partitioned:   # zero.Init placed the partitions already
+            model.to(self.dist.device)
         self.model, self.engine = model, self._make_engine(model)
         nonfinite.install(self.engine, self)
         if state is not None:
-            with priming(self.engine):
-                self._prime_step()
+            self.prime()
             self.load_full_state(state, step)
+
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: the model is built partitioned (``deepspeed.zero.Init``), never whole."""
+        return zero_stage(self.ds_config) == 3
+
+    def prime(self) -> None:
+        """The lr=0 step that creates a fresh engine's Adam state (state.priming)."""
+        with priming(self.engine):
+            self._prime_step()
 
     def full_state(self) -> tuple[dict, int]:
         """(canonical name -> full fp32 {"param", "exp_avg", "exp_avg_sq"}, optimizer step)
-        of this rank's parameters (collective)."""
+        of this rank's parameters (collective). It holds the whole model's state on every
+        rank: for tests and small exports only; expansion streams (``shard_source``)."""
         return read_state(self.engine, self.named_parameters()), optimizer_step_count(self.engine)
 
-    def load_full_state(self, state: dict, step: int) -> None:
+    def load_full_state(self, state, step: int) -> None:
+        """Write ``state`` (a Mapping read one name at a time) into the primed engine."""
         write_state(self.engine, self.named_parameters(), state, step)
+
+    def shard_source(self) -> ShardSource:
+        """This rank's own fragments of the engine's fp32 state, readable one parameter at a
+        time once the engine is destroyed (collective)."""
+        from megatron.core import parallel_state as ps
+        pp_group = ps.get_pipeline_model_parallel_group() if self.dist.pp > 1 else None
+        return ShardSource.of(self.engine, self.named_parameters(), self.dist,
+                              ps.get_data_parallel_group(), pp_group)
 
     def tp_layout(self) -> dict:
         """<rest> of each pool tensor -> its tensor-parallel partition dim (None: replicated)."""
@@ -186,8 +206,23 @@ class DataParallelRuntime(Runtime):
 
     def new_model(self, n_unique: int) -> PoolGPT:
         m = self.cfg.model
-        model = PoolGPT(m, n_unique, dtype=torch.float32, recompute=self.recompute)
-        init_weights(model, self.cfg.train.seed, m.init_std, m.layers, m.vocab_size)
+        gather = None
+        if self.partitioned:
+            # ZeRO-3: every parameter is partitioned over the data-parallel group as soon as
+            # its module is built; the layout-independent init then writes one gathered
+            # parameter at a time.
+            import deepspeed
+            from megatron.core import parallel_state as ps
+            with deepspeed.zero.Init(data_parallel_group=ps.get_data_parallel_group(),
+                                     config_dict_or_path=self.ds_config, mpu=MegatronMPU()):
+                model = PoolGPT(m, n_unique, dtype=torch.float32, recompute=self.recompute)
+
+            def gather(p):
+                return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        else:
+            model = PoolGPT(m, n_unique, dtype=torch.float32, recompute=self.recompute)
+        init_weights(model, self.cfg.train.seed, m.init_std, m.layers, m.vocab_size,
+                     gather=gather)
         return model
 
     def canonical(self, model):
