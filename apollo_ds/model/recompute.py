@@ -64,9 +64,14 @@ def _tracker_contexts():
     return forward(), recompute()
 
 
+@torch.compiler.disable
 def checkpoint(fn, *args):
     """``fn(*args)`` whose activations are rebuilt in backward (non-reentrant; both RNG
-    streams replayed). Outside autograd (evaluation, no_grad) it is a plain call."""
+    streams replayed). Outside autograd (evaluation, no_grad) it is a plain call.
+
+    Never traced by torch.compile (train.compile): inside a compiled block (selective) the
+    core runs eagerly at a graph break, since the RNG tracker's state swaps cannot be traced;
+    a compiled block called from here (full) is still compiled."""
     if not torch.is_grad_enabled():
         return fn(*args)
     return torch_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,

@@ -121,3 +121,32 @@ def test_selective_keeps_less_than_none_and_full_least(single_process_group):
     (measured 4.31 -> 2.73 MB here), full everything inside the layers (0.50 MB)."""
     none, sel, full = (saved_bytes(m, 0.1) for m in ("none", "selective", "full"))
     assert full < 0.7 * sel and sel < 0.7 * none, (none, sel, full)
+
+
+def test_selective_inside_a_compiled_block(single_process_group):
+    """train.compile compiles each block's forward; selective's checkpoint sits inside it and
+    must run eagerly at a graph break: traced, its RNG-tracker snapshot fails on fake tensors
+    (dropout 0; with dropout the tracker's fork breaks the graph before it anyway). Same loss
+    and gradients as the compiled block without recompute."""
+    cfg = CFG
+    compiled = torch.compile(lambda layer, x: type(layer).forward(layer, x), dynamic=False)
+
+    def run(mode):
+        m = PoolGPT(cfg, 2, recompute=mode)
+        init_weights(m, 3, cfg.init_std, cfg.layers, cfg.vocab_size)
+        m.train()
+        for layer in m.pool:
+            layer.forward = lambda x, layer=layer: compiled(layer, x)
+        tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len),
+                               generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(11)
+        tensor_parallel.model_parallel_cuda_manual_seed(11)
+        loss = m(tokens, [0, 0, 1, 1], tokens)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in m.named_parameters()}
+
+    la, ga = run("none")
+    lb, gb = run("selective")
+    assert la == lb
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=0, msg=n)
