@@ -1,10 +1,10 @@
 """Pool expansion at an Apollo stage boundary as a pure, per-parameter transform of the
-training state (design/architecture.md, "The Runtime seam"): ``expansion_rules`` says, for each
-parameter of the grown pool (canonical names, ``pool.<i>.<rest>`` for pool layers), which old
-parameter's fp32 master and which one's Adam moments it starts from, and ``apply_rule`` makes
-one new entry from those. The runtime streams the rules over its sharded state, one parameter
-at a time (training/growth.py), so no rank ever holds the whole model's state; ``grow_state``
-applies them to a whole in-memory state. No engine, process group or device is touched here.
+training state: ``expansion_rules`` says, for each parameter of the grown pool (canonical
+names, ``pool.<i>.<rest>`` for pool layers), which old parameter's fp32 master and which
+one's Adam moments it starts from, and ``apply_rule`` makes one new entry from those. The
+runtime streams the rules over its sharded state, one parameter at a time
+(training/growth.py), so no rank ever holds the whole model's state; ``grow_state`` applies
+them to a whole in-memory state. No engine, process group or device is touched here.
 
 New pool layer i always starts from the master weights of old layer
 ``s_i = expansion_sources(n_old, n_new, grow)[i]``. Its Adam state (``apollo.optimizer_state``):
@@ -40,7 +40,8 @@ copies of an old layer but its first) gets ``sigma * std(source tensor) * N(0, 1
 its master weights. The noise is drawn as the FULL (unsharded) tensor from a generator seeded by
 (seed, new parameter name, new stage) and each tensor-parallel rank keeps its slice; the std is
 of the full tensor (the runtime reduces it over the TP group). So TP=1 and TP=2 grow the same
-weights, on every rank and at every ZeRO stage (ZeRO partitions are gathered before this runs).
+weights, on every rank and at every ZeRO stage (each parameter's ZeRO partitions are gathered
+before its rule runs).
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ class GrowthNoise:
                            dtype=torch.float32)
         if dim is not None and self.tp > 1:
             full = full.chunk(self.tp, dim=dim)[self.tp_rank]
-        return full * (self.sigma * float(self.std[src_name]))
+        return (full * (self.sigma * float(self.std[src_name]))).to(local.device)
 
 
 @dataclass(frozen=True)

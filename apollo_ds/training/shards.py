@@ -1,6 +1,5 @@
 """A rank's own share of a DeepSpeed engine's fp32 state, and one-parameter-at-a-time gathers of
-it, so that an expansion never holds more than one parameter's full tensors (design notes:
-"Per-rank memory bounded by the shard").
+it, so that an expansion never holds more than one parameter's full tensors.
 
 ``own_fragments`` takes from an engine, per canonical parameter, the flat range of its
 (tensor-parallel shard's) fp32 master and Adam moments that this rank owns: its ZeRO-3
