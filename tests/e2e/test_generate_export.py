@@ -99,3 +99,41 @@ def test_bad_generation_options_refused(trained, args, message, capsys):
     assert main(["generate", "--checkpoint", str(trained["run"]), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"apollo-ds generate: error: {message}"), err
+
+
+def test_export_with_each_tokenizer_kind(trained, tmp_path):
+    """The exporter's whole path for every kind (the trained run exported with other
+    tokenizers of <= 512 ids: the ids, not the text, are what this checks)."""
+    import base64
+
+    import sentencepiece as spm
+    import tiktoken._educational as edu
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer
+
+    from apollo_ds.convert.to_hf import main as to_hf
+    from apollo_ds.data.tokenizer import TIKTOKEN_PATTERN, load_tokenizer
+    lines = real_text_lines(400)
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(lines) + "\n")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "nopad"),
+                                   vocab_size=400, pad_id=-1, unk_id=0, bos_id=1, eos_id=2,
+                                   byte_fallback=True, minloglevel=2)
+    gpt2 = ByteLevelBPETokenizer()
+    gpt2.train([str(text)], vocab_size=380, special_tokens=["<|endoftext|>"],
+               show_progress=False)
+    (tmp_path / "gpt2").mkdir()
+    gpt2.save_model(str(tmp_path / "gpt2"))
+    ranks = edu.bpe_train("\n".join(lines[:60]), 300, TIKTOKEN_PATTERN, visualise=None)
+    with open(tmp_path / "small.tiktoken", "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" %d\n" % rank)
+    for path in (tmp_path / "nopad.model", tmp_path / "gpt2", tmp_path / "small.tiktoken"):
+        out = tmp_path / f"hf_{path.stem}"
+        assert to_hf(["--checkpoint", str(trained["run"]), "--output", str(out),
+                      "--tokenizer", str(path)]) == 0
+        tok = load_tokenizer(str(path))
+        hf = AutoTokenizer.from_pretrained(out, local_files_only=True)
+        assert hf.eos_token_id == tok.eod
+        for line in lines[:100]:
+            assert hf.encode(line, add_special_tokens=False) == tok.encode(line), tok.kind
