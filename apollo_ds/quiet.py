@@ -4,7 +4,8 @@ so every other warning still shows.
 megatron-core warns four times per process that Transformer Engine / Apex are missing (the
 local fallbacks are what apollo_ds uses on purpose), once about its own import layout, and
 torch about ``torch.jit.script_method`` and (through DeepSpeed's ZeRO) the old names of two
-collectives; DeepSpeed logs "Setting accelerator to CPU" on a machine without one. Installed when the ``apollo_ds`` package is imported.
+collectives; DeepSpeed logs "Setting accelerator to CPU" on a machine without one. Installed
+when the ``apollo_ds`` package is imported.
 """
 from __future__ import annotations
 

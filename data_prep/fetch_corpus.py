@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Thin entry point for `apollo-ds fetch-corpus` (apollo_ds/data/prep/fetch_corpus.py); same options."""
+"""Thin entry point for `apollo-ds fetch-corpus` (same options); the code is in
+apollo_ds/data/prep/fetch_corpus.py."""
 import os
 import sys
 

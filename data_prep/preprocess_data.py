@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Thin entry point for `apollo-ds preprocess` (apollo_ds/data/prep/preprocess.py); same options."""
+"""Thin entry point for `apollo-ds preprocess` (same options); the code is in
+apollo_ds/data/prep/preprocess.py."""
 import os
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Thin entry point for `apollo-ds train-tokenizer` (apollo_ds/data/prep/train_tokenizer.py); same options."""
+"""Thin entry point for `apollo-ds train-tokenizer` (same options); the code is in
+apollo_ds/data/prep/train_tokenizer.py."""
 import os
 import sys
 

@@ -114,7 +114,7 @@ def _check(args):
     return paths, tok
 
 
-def _tokenize(args, paths, tok, prefix, dtype):
+def _tokenize(args, paths, tok, prefix, dtype, prog):
     """Stream every document into PREFIX.bin.tmp / .idx.tmp; -> (docs, tokens, max id)."""
     from tqdm import tqdm
     init = (os.path.abspath(args.tokenizer), tok.kind, args.json_key, args.bos,
@@ -132,7 +132,7 @@ def _tokenize(args, paths, tok, prefix, dtype):
     chunks = read_chunks(paths, args.chunk_size)
     results = pool.imap(encode_chunk, chunks) if pool else map(encode_chunk, chunks)
     total = sum(os.path.getsize(p) for p in paths)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{prog}: tokenizing", file=sys.stderr,
                mininterval=0.5, dynamic_ncols=True)
     t0 = time.time()
     try:
@@ -175,7 +175,7 @@ def main(argv=None, prog: str = "preprocess_data.py") -> int:
         prefix = args.output_prefix
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         t0 = time.time()
-        docs, tokens, max_id = _tokenize(args, paths, tok, prefix, dtype)
+        docs, tokens, max_id = _tokenize(args, paths, tok, prefix, dtype, prog)
     except Failed as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -194,6 +194,6 @@ def main(argv=None, prog: str = "preprocess_data.py") -> int:
     with open(prefix + ".meta.json.tmp", "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(prefix + ".meta.json.tmp", prefix + ".meta.json")
-    print(f"wrote {prefix}.bin/.idx: {docs} documents, {tokens} tokens from {len(paths)} "
+    print(f"{prog}: wrote {prefix}.bin/.idx: {docs} documents, {tokens} tokens from {len(paths)} "
           f"file(s), {secs:.1f} s, {tokens / max(secs, 1e-9):,.0f} tokens/s")
     return 0

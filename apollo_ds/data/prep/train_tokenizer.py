@@ -60,7 +60,8 @@ def train_byte_bpe(args) -> int:
     tok.train(list(args.input), vocab_size=args.vocab_size, special_tokens=BYTE_SPECIALS,
               show_progress=args.verbose)
     tok.save(args.model_prefix + ".json")
-    print(f"wrote {args.model_prefix}.json: {tok.get_vocab_size()} tokens (byte-level BPE), "
+    print(f"{PROG[0]}: wrote {args.model_prefix}.json: {tok.get_vocab_size()} tokens "
+          f"(byte-level BPE), "
           f"<|endoftext|>=0 <pad>=1 <s>=2, {time.time() - t0:.1f} s")
     return 0
 
@@ -88,7 +89,7 @@ def main(argv=None, prog: str = "train_tokenizer.py") -> int:
     import sentencepiece as spm
 
     t0 = time.time()
-    print(f"training {args.model_type} tokenizer, vocab {args.vocab_size}, on "
+    print(f"{PROG[0]}: training {args.model_type} tokenizer, vocab {args.vocab_size}, on "
           f"{', '.join(args.input)}", file=sys.stderr)
     try:
         spm.SentencePieceTrainer.train(
@@ -111,7 +112,7 @@ def main(argv=None, prog: str = "train_tokenizer.py") -> int:
     except (RuntimeError, OSError) as e:
         fail(f"SentencePiece refused the training run: {str(e).strip()}")
     sp = spm.SentencePieceProcessor(model_file=args.model_prefix + ".model")
-    print(f"wrote {args.model_prefix}.model and .vocab: {sp.get_piece_size()} pieces "
+    print(f"{PROG[0]}: wrote {args.model_prefix}.model and .vocab: {sp.get_piece_size()} pieces "
           f"({args.model_type}), pad={sp.pad_id()} unk={sp.unk_id()} bos={sp.bos_id()} "
           f"eos={sp.eos_id()}, {time.time() - t0:.1f} s")
     return 0
