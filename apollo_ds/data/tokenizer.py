@@ -56,13 +56,20 @@ def _json(path: str):
         return None
 
 
+def _with_config(tokenizer_json: str) -> list[str]:
+    """A tokenizer.json and, when present, the tokenizer_config.json beside it (its eos/bos/pad
+    names change the special ids, so it is part of the fingerprint)."""
+    conf = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
+    return [tokenizer_json] + ([conf] if os.path.isfile(conf) else [])
+
+
 def detect(path: str) -> tuple[str, list[str]]:
     """(kind, the files that define the tokenizer) for a tokenizer path; ConfigError if none
     of the four kinds fits."""
     if os.path.isdir(path):
         have = lambda n: os.path.isfile(os.path.join(path, n))  # noqa: E731
         if have("tokenizer.json"):
-            return "huggingface", [os.path.join(path, "tokenizer.json")]
+            return "huggingface", _with_config(os.path.join(path, "tokenizer.json"))
         if have("vocab.json") and have("merges.txt"):
             return "gpt2", [os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")]
         found = sorted(n for n in os.listdir(path) if n.endswith((".model", ".tiktoken")))
@@ -76,7 +83,7 @@ def detect(path: str) -> tuple[str, list[str]]:
     if path.endswith(".json"):
         obj = _json(path)
         if isinstance(obj, dict) and "model" in obj:
-            return "huggingface", [path]
+            return "huggingface", _with_config(path)
         if isinstance(obj, dict) and obj and all(isinstance(v, int) for v in obj.values()):
             merges = os.path.join(os.path.dirname(path), "merges.txt")
             if not os.path.isfile(merges):
@@ -129,8 +136,10 @@ class Tokenizer:
         self.bos = self.unk = None
         getattr(self, f"_load_{kind}")(files[0])
         if self.eod is None or self.eod < 0:
+            how = ("name it as eos_token in a tokenizer_config.json beside the tokenizer.json"
+                   if kind == "huggingface" else f"{_RETRAIN}, which defines one")
             raise ConfigError(f"tokenizer {self.path} ({kind}) has no end-of-document token "
-                              f"(eos / {ENDOFTEXT}); {_RETRAIN}, which defines one")
+                              f"(eos / {ENDOFTEXT}); {how}")
 
     @staticmethod
     def files_of(path: str, kind: str | None) -> list[str]:

@@ -140,3 +140,19 @@ def test_hf_conversion_gives_the_original_ids(toks, which, tmp_path):
     assert user.eos_token_id == tok.eod
     for line in toks.lines[200:260]:
         assert user.encode(line, add_special_tokens=False) == tok.encode(line)
+
+
+def test_tokenizer_config_names_the_special_tokens(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    t = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[END]": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="has no end-of-document token .* name it as "
+                                          "eos_token in a tokenizer_config.json"):
+        load_tokenizer(str(tmp_path))
+    alone = fingerprint(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[END]"}))
+    tok = load_tokenizer(str(tmp_path))
+    assert (tok.eod, tok.encode("a b a")) == (2, [0, 1, 0])
+    # the config changes the ids that matter, so it is part of the fingerprint
+    assert tok.fingerprint() == fingerprint(str(tmp_path / "tokenizer.json")) != alone
