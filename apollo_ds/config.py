@@ -22,6 +22,7 @@ LR_SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "torch_adam")
 RECOMPUTE = ("none", "selective", "full")
 ON_NONFINITE = ("stop", "skip")
+ALLOW_CHANGES = ("data", "tokenizer", "global_batch", "seed")
 
 
 class ConfigError(ValueError):
@@ -168,6 +169,14 @@ class TrainConfig:
                                     # without Apollo)
     rewarmup_steps: int = 0         # >0: after each expansion, ramp the lr linearly from
                                     # schedule/K to the schedule over K steps
+    # a fresh run starts from these weights (fresh optimizer and lr schedule): a run
+    # directory (its newest checkpoint) or a Hugging Face GPT-2/Llama export; a source with
+    # fewer layers fills the pool at step 1 by apollo.grow; ignored when out_dir resumes
+    init_from: str = ""
+    init_from_tag: str = ""         # with init_from a run directory: this tag (step_NNNNNNN)
+    # deliberate changes a resume accepts (and logs) instead of refusing: any of data,
+    # tokenizer, global_batch, seed
+    allow_changes: list = field(default_factory=list)
 
 
 @dataclass
@@ -377,6 +386,14 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
          f"train.dist_timeout_minutes={t.dist_timeout_minutes} must be a positive number of "
          f"minutes (default 10)")
     need(t.eval_iters >= 1, "train.eval_iters must be >= 1")
+    bad = [c for c in t.allow_changes if c not in ALLOW_CHANGES]
+    need(not bad, f"train.allow_changes={t.allow_changes}: {bad[0] if bad else ''} cannot be "
+         f"allowed; choose from {', '.join(ALLOW_CHANGES)} (the model and the Apollo "
+         f"schedule never change on resume)")
+    need(isinstance(t.init_from, str) and isinstance(t.init_from_tag, str),
+         "train.init_from and train.init_from_tag must be paths / tag names")
+    need(not t.init_from_tag or bool(t.init_from),
+         f"train.init_from_tag={t.init_from_tag} needs train.init_from (the run directory)")
     need(not check_files or os.path.isfile(t.deepspeed_config),
          f"DeepSpeed config not found: {t.deepspeed_config} (train.deepspeed_config or "
          f"--deepspeed_config; shipped ones are in ds_configs/)")

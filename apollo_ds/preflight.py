@@ -34,6 +34,8 @@ def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
     ds = load_ds_config(cfg, dp)
     bf16 = bool(ds.get("bf16", {}).get("enabled", False))
     check_memory(cfg, world, zero_stage(ds), bf16, env)
+    from apollo_ds.training.run_log import check_monitors
+    check_monitors(ds, cfg.train.deepspeed_config)   # wandb enabled: installed?
     check_launch_env(env, rank)
     check_writable("train.out_dir", cfg.train.out_dir)
     check_disk(cfg, bf16)
@@ -49,6 +51,8 @@ def check_inputs(cfg: RunConfig, world: int | None = None, rank: int = 0,
         layout = {"dp": dp, "tp": p.tp, "pp": p.pp, "zero": zero_stage(ds),
                   "dtype": str(model_dtype(ds))}
         check_resume(cfg, layout, layout_known=world is not None)
+        from apollo_ds import init_from
+        init_from.check_fresh(cfg)   # train.init_from: the source opens and its shapes map
     except BaseException:
         if lock is not None:
             lock.release(undo=True)

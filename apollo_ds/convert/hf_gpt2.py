@@ -64,3 +64,45 @@ def hf_config(model: dict, tok_ids: dict):
         bos_token_id=tok_ids.get("bos"), eos_token_id=tok_ids.get("eos"),
         pad_token_id=tok_ids.get("pad"),
     )
+
+
+# ----------------------------------------------------------------------------- the inverse
+def model_of_hf(conf: dict) -> dict:
+    """The apollo_ds model settings of a GPT2LMHeadModel config.json (train.init_from)."""
+    h = int(conf["n_embd"])
+    return {"arch": "gpt2", "layers": int(conf["n_layer"]), "hidden": h,
+            "heads": int(conf["n_head"]), "seq_len": int(conf["n_positions"]),
+            "vocab_size": int(conf["vocab_size"]),
+            "ffn_mult": int(conf.get("n_inner") or 4 * h) // h, "tie_embeddings": True}
+
+
+_LAYER = {"input_norm.weight": "ln_1.weight", "input_norm.bias": "ln_1.bias",
+          "proj.bias": "attn.c_proj.bias", "mlp_norm.weight": "ln_2.weight",
+          "mlp_norm.bias": "ln_2.bias", "fc1.bias": "mlp.c_fc.bias",
+          "fc2.bias": "mlp.c_proj.bias"}
+_CONV = {"proj.weight": "attn.c_proj.weight", "fc1.weight": "mlp.c_fc.weight",
+         "fc2.weight": "mlp.c_proj.weight"}   # Conv1D: stored [in, out]
+_TOP = {"word_embeddings.weight": "transformer.wte.weight",
+        "position_embeddings.weight": "transformer.wpe.weight",
+        "final_norm.weight": "transformer.ln_f.weight", "final_norm.bias": "transformer.ln_f.bias"}
+
+
+def from_hf(name: str, layer: int | None, get, model: dict):
+    """The inverse of ``hf_state`` for one apollo_ds parameter: ``name`` is its canonical name
+    (``pool.<j>.`` stripped when ``layer`` is the HF layer to read), ``get(hf_key)`` reads one
+    HF tensor. Full (TP-unsharded) fp32, vocabulary rows unpadded."""
+    if layer is None:
+        return get(_TOP[name])
+    h, heads = int(model["hidden"]), int(model["heads"])
+    q = f"transformer.h.{layer}."
+    if name in _LAYER:
+        return get(q + _LAYER[name])
+    if name in _CONV:
+        return get(q + _CONV[name]).t().contiguous()
+    if name == "qkv.weight":   # [q; k; v] rows -> per-head [heads, 3, head_dim]
+        w = get(q + "attn.c_attn.weight").t()
+        return w.reshape(3, heads, h // heads, h).transpose(0, 1).reshape(3 * h, h).contiguous()
+    if name == "qkv.bias":
+        b = get(q + "attn.c_attn.bias")
+        return b.reshape(3, heads, h // heads).transpose(0, 1).reshape(3 * h).contiguous()
+    raise KeyError(name)

@@ -67,3 +67,44 @@ def hf_config(model: dict, tok_ids: dict):
         attention_bias=False, mlp_bias=False, attention_dropout=m.dropout,
         bos_token_id=tok_ids.get("bos"), eos_token_id=tok_ids.get("eos"),
         pad_token_id=tok_ids.get("pad"))
+
+
+# ----------------------------------------------------------------------------- the inverse
+def model_of_hf(conf: dict) -> dict:
+    """The apollo_ds model settings of a LlamaForCausalLM config.json (train.init_from)."""
+    rope = conf.get("rope_parameters") or {}
+    return {"arch": "llama", "layers": int(conf["num_hidden_layers"]),
+            "hidden": int(conf["hidden_size"]), "heads": int(conf["num_attention_heads"]),
+            "kv_heads": int(conf.get("num_key_value_heads") or conf["num_attention_heads"]),
+            "ffn_hidden": int(conf["intermediate_size"]),
+            "seq_len": int(conf.get("max_position_embeddings", 0)),
+            "vocab_size": int(conf["vocab_size"]),
+            "rope_theta": float(rope.get("rope_theta", conf.get("rope_theta", 10000.0))),
+            "tie_embeddings": bool(conf.get("tie_word_embeddings", False))}
+
+
+_LAYER = {"input_norm.weight": "input_layernorm.weight", "proj.weight": "self_attn.o_proj.weight",
+          "mlp_norm.weight": "post_attention_layernorm.weight", "gate.weight": "mlp.gate_proj.weight",
+          "up.weight": "mlp.up_proj.weight", "fc2.weight": "mlp.down_proj.weight"}
+_TOP = {"word_embeddings.weight": "model.embed_tokens.weight",
+        "final_norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+
+
+def from_hf(name: str, layer: int | None, get, model: dict):
+    """The inverse of ``hf_state`` for one apollo_ds parameter (see hf_gpt2.from_hf): the
+    fused QKV is rebuilt per key/value group from HF's separate projections."""
+    if layer is None:
+        return get(_TOP[name])
+    q = f"model.layers.{layer}."
+    if name in _LAYER:
+        return get(q + _LAYER[name])
+    if name == "qkv.weight":
+        h, heads = int(model["hidden"]), int(model["heads"])
+        kv = int(model.get("kv_heads") or heads)
+        hd, r = h // heads, heads // kv
+        parts = [get(q + "self_attn.q_proj.weight").reshape(kv, r, hd, h),
+                 get(q + "self_attn.k_proj.weight").reshape(kv, 1, hd, h),
+                 get(q + "self_attn.v_proj.weight").reshape(kv, 1, hd, h)]
+        import torch
+        return torch.cat(parts, dim=1).reshape(kv * (r + 2) * hd, h).contiguous()
+    raise KeyError(name)

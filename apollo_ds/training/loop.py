@@ -20,7 +20,8 @@ from apollo_ds.config import ConfigError, RunConfig
 from apollo_ds.data import build_datasets
 from apollo_ds.distributed import Dist, all_reduce
 from apollo_ds.flops import train_flops
-from apollo_ds.training import checkpoint, portable, resume, signals, watchdog
+from apollo_ds import init_from
+from apollo_ds.training import checkpoint, portable, resume, run_log, signals, watchdog
 from apollo_ds.training.engine import load_ds_config, lr_at, set_lr, zero_stage
 from apollo_ds.training.growth import grow
 from apollo_ds.training.metrics import DeviceStats, MetricsLog, print0
@@ -55,6 +56,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, dist: Dist):
         self.cfg, self.dist = cfg, dist
         t = cfg.train
+        self.run_log = run_log.RunLog(t.out_dir, dist.rank)   # train.log gets rank 0's stdout
         self.schedule = StageSchedule(cfg, dist.dp)
         self.ds_config = load_ds_config(cfg, dist.dp)
         self.zero = zero_stage(self.ds_config)
@@ -70,9 +72,18 @@ class Trainer:
         self.skipped = self.consecutive_skips = 0   # train.on_nonfinite=skip: steps dropped
         n_unique, offsets = self.schedule.unique_at(1), None
         self.layout = resume.layout_of(dist, self.zero, self.runtime.dtype)
-        if found is None:
+        if found is None and t.init_from:   # weights only, at step 0
+            src = init_from.open_source(cfg)
+            init_from.check(src, cfg)
+            state = init_from.InitState(src, cfg, self.runtime, n_unique)
+            self.runtime.build(n_unique, state, 0)
+            print0(dist.rank, init_from.describe(src, state.sources, cfg))
+        elif found is None:
             self.runtime.build(n_unique)
         else:
+            if t.init_from:
+                print0(dist.rank, f"train.init_from={t.init_from} is ignored: {t.out_dir} "
+                                  f"has a checkpoint, so the run resumes from it")
             tag, state = found
             tag_dir = os.path.join(self.ckpt_dir, tag)
             verdict = resume.check(state, cfg, self.layout, tag_dir)
@@ -98,6 +109,8 @@ class Trainer:
                               f"unique layers")
         self._settings = resume.record(cfg, self.layout)   # hashes files once, not per save
         self.metrics = MetricsLog(t.out_dir, dist.rank == 0, resume_step=self.step)
+        self.metrics.monitor = lambda: getattr(self.engine, "monitor", None)
+        self.run_log.start(self)   # banner; config.resolved.yaml before the first step
         self.t_start = time.perf_counter()
         signals.install()   # pretrain.py installed them at process start; kept for library use
 
@@ -200,7 +213,8 @@ class Trainer:
                 "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
                 "flops": flops, "full_depth_flops": full, "flops_per_s": flops / elapsed,
                 "cum_flops": self.flops_spent, "cum_full_depth_flops": self.flops_full,
-                "consumed_samples": self.consumed + t.global_batch}
+                "consumed_samples": self.consumed + t.global_batch,
+                "cum_tokens": (self.consumed + t.global_batch) * cfg.model.seq_len}
         if not finite or self.skipped:
             rec.update(skipped=not finite, skipped_steps=self.skipped)
         return rec
@@ -361,4 +375,5 @@ class Trainer:
         line += " | " + self._device_stats.text(fl / secs, self.dist.world)
         if "eval_loss" in rec:
             line += f" | eval {rec['eval_loss']:.4f}"
+        line += self.run_log.clock(rec["step"], self.cfg.train.steps, rec["wall_s"])
         print0(self.dist.rank, line)

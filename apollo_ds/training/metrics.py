@@ -1,5 +1,7 @@
-"""Per-step metrics: JSON lines (one record per optimizer step, plus eval records), TensorBoard,
-and a console line per log interval. Only the writer rank (global rank 0) writes."""
+"""Per-step metrics: JSON lines (one record per optimizer step, plus eval records), TensorBoard
+(``tb_scalars``: train/, eval/loss, apollo/depth and unique layers, by_tokens/ with tokens as
+x), DeepSpeed's monitors (wandb) when its config enables them, and a console line per log
+interval. Only the writer rank (global rank 0) writes."""
 from __future__ import annotations
 
 import json
@@ -79,6 +81,7 @@ class MetricsLog:
         self.enabled = enabled
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
+        self.monitor = None     # () -> DeepSpeed's MonitorMaster of the current engine
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -114,14 +117,51 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            prefix = "eval/" if record.get("kind") == "eval" else "train/"
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and not isinstance(v, bool):
-                    self.tb.add_scalar(prefix + k, v, record["step"])
+            for tag, v, x in tb_scalars(record):
+                self.tb.add_scalar(tag, v, x)
+        if self.monitor is not None:   # DeepSpeed's monitors (wandb, ...) when configured
+            mon = self.monitor()
+            if mon is not None and mon.enabled:
+                mon.write_events([(t, v, x) for t, v, x in tb_scalars(record)
+                                  if not t.startswith("by_tokens/")])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+
+
+# per-step values that are settings, not measurements (not plotted every step)
+_CONSTANT = {"tokens", "full_depth_flops", "step"}
+
+
+def tb_scalars(record: dict) -> list[tuple[str, float, int]]:
+    """(tag, value, x) of one metrics record: eval loss under eval/loss, the Apollo depth
+    (mean over the step's micro-batches) and pool size under apollo/, the rest under train/,
+    all by step; loss and eval loss again under by_tokens/ with tokens seen as x."""
+    step = record["step"]
+    if record.get("kind") == "eval":
+        return [(f"eval/{k}", v, step) for k, v in record.items() if _number(v)
+                and k != "step"]
+    out = []
+    for k, v in record.items():
+        if k == "eval_loss" and _number(v):
+            out.append(("eval/loss", v, step))
+        elif k == "n_unique":
+            out.append(("apollo/unique_layers", v, step))
+        elif _number(v) and k not in _CONSTANT:
+            out.append((f"train/{k}", v, step))
+    if record.get("depths"):
+        out.append(("apollo/depth", sum(record["depths"]) / len(record["depths"]), step))
+    tokens = record.get("cum_tokens")
+    if tokens is not None:
+        out += [(f"by_tokens/{name}", record[k], int(tokens)) for k, name in
+                (("loss", "loss"), ("eval_loss", "eval_loss")) if _number(record.get(k))]
+    return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def print0(rank: int, msg: str) -> None:

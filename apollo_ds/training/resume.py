@@ -5,7 +5,8 @@ A checkpoint records the settings that define the model being trained (``record`
 seed, the global batch, the tokenizer or the data is refused with one line naming the setting,
 its old and new values and how to proceed; a change of layout (DP, TP, PP, ZeRO stage,
 precision), of train.steps or of any other train setting (intervals, lr, micro-batch) is
-accepted and reported. The layout decides how the checkpoint is read: DeepSpeed's own files
+accepted and reported, and so are the changes ``train.allow_changes`` lists (data, tokenizer,
+global_batch, seed): deliberate, each logged. The layout decides how the checkpoint is read: DeepSpeed's own files
 when it is unchanged, the layout-free per-parameter files (portable.py) otherwise."""
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from apollo_ds.data.tokenizer import fingerprint as tokenizer_fingerprint
 
 # train.* settings a resumed run may not change (the rest are accepted and reported)
 _FIXED_TRAIN = ("seed", "global_batch")
-_QUIET_TRAIN = ("stop_after", "out_dir")    # per-invocation settings, not reported
+_QUIET_TRAIN = ("stop_after", "out_dir", "allow_changes", "init_from",
+                "init_from_tag")    # per-invocation settings, not reported
 
 
 def _sha256(path: str, limit: int | None = None) -> str | None:
@@ -52,6 +54,19 @@ def data_fingerprint(prefix) -> list | None:
                  for ext in (".bin", ".idx")]
         out.append(sizes + [_sha256(p + ".idx", 16 << 20)])
     return out
+
+
+def _category(name: str) -> str | None:
+    """The train.allow_changes entry that accepts a change of ``name`` (None: never)."""
+    if name in ("data.prefix", "data.split"):
+        return "data"
+    if name == "data.tokenizer":
+        return "tokenizer"
+    return name[len("train."):] if name.startswith("train.") else None
+
+
+_ALLOWED_NOTE = {"train.global_batch": "; step s now reads samples [(s-1)*B, s*B) of the new "
+                 "batch size B, so the data position moves with it"}
 
 
 def layout_of(dist, zero: int, dtype) -> dict:
@@ -113,6 +128,11 @@ def check(state: dict, cfg: RunConfig, layout: dict, where: str) -> Verdict:
         refused.append(("data.prefix", data.get("prefix"), cfg.data.prefix))
     if "split" in data and data["split"] != cfg.data.split:
         refused.append(("data.split", data["split"], cfg.data.split))
+    notes, allowed = [], set(cfg.train.allow_changes)
+    for name, old, new in [r for r in refused if _category(r[0]) in allowed]:
+        notes.append(f"{name} changed on resume: {old} -> {new} (allowed by train.allow_changes)"
+                     + _ALLOWED_NOTE.get(name, ""))
+    refused = [r for r in refused if _category(r[0]) not in allowed]
     if refused:
         name, old, new = refused[0]
         more = f" (and {len(refused) - 1} more: " + ", ".join(r[0] for r in refused[1:]) + ")" \
@@ -121,10 +141,11 @@ def check(state: dict, cfg: RunConfig, layout: dict, where: str) -> Verdict:
         if name.startswith("apollo.stage_ends") and saved_train.get("steps") != cfg.train.steps:
             hint = (f"; to train longer under the same schedule pass the ends as step numbers: "
                     f"apollo.stage_ends=[{','.join(str(e) for e in state['stage_end_steps'])}]")
+        allow = (f", list it in train.allow_changes=[{_category(name)}] to change it on "
+                 f"purpose," if _category(name) else "")
         raise ConfigError(f"cannot resume from {where}: {name} was {old}, this run has {new}"
-                          f"{more}; restore the checkpoint's setting to resume, or use a new "
-                          f"train.out_dir to start another run{hint}")
-    notes = []
+                          f"{more}; restore the checkpoint's setting to resume{allow} or use "
+                          f"a new train.out_dir to start another run{hint}")
     old_layout = state.get("layout") or {k: state[k] for k in ("dp", "tp", "pp") if k in state}
     changed = {k: (old_layout[k], layout[k]) for k in layout
                if k in old_layout and old_layout[k] != layout[k]}
