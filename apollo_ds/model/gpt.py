@@ -31,6 +31,7 @@ from apollo_ds.flops import padded_vocab as padded_vocab_size
 from apollo_ds.model.llama import LlamaBlock
 from apollo_ds.model.loss import vocab_parallel_cross_entropy
 from apollo_ds.model.recompute import checkpoint, mode_of
+from apollo_ds.model.shared_grads import use_sums
 
 
 def _mp_config(dtype: torch.dtype) -> ModelParallelConfig:
@@ -174,8 +175,11 @@ class PoolGPT(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             x = x + self.position_embeddings(positions)
         x = F.dropout(x, self.cfg.dropout, self.training)
+        # bf16: a layer run at several positions sums its uses' gradients in fp32
+        sums = use_sums(self.pool, layer_map)
         for idx in layer_map:
-            x = run_layer(self.pool[idx], x, self.recompute == "full")
+            layer = sums[idx].call if idx in sums else self.pool[idx]
+            x = run_layer(layer, x, self.recompute == "full")
         x = self.final_norm(x)
         logits, _ = self.lm_head(x, weight=self.word_embeddings.weight if self.tied else None)
         pad = self.pad_mask if self.has_pad else None
@@ -185,7 +189,7 @@ class PoolGPT(nn.Module):
         return lm_loss(logits, labels, loss_mask, pad)
 
 
-def run_layer(layer: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+def run_layer(layer, x: torch.Tensor, recompute: bool) -> torch.Tensor:
     """One transformer layer; with ``recompute`` (and autograd on) its activations are
     rebuilt in backward."""
     return checkpoint(layer, x) if recompute else layer(x)

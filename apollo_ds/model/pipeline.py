@@ -33,6 +33,8 @@ initialisation, expansion and weight gathering reuse the PoolGPT code paths by n
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -45,6 +47,7 @@ from apollo_ds.model.gpt import (Block, _mark_tp, _mp_config, _no_init, lm_loss,
                                  register_pad_mask, run_layer)
 from apollo_ds.model.llama import LlamaBlock
 from apollo_ds.model.recompute import mode_of
+from apollo_ds.model.shared_grads import use_sums
 
 # The parameters a pool replica ties across stages, by architecture (checked against the
 # built layer, so a changed layer cannot silently leave a parameter untied).
@@ -163,6 +166,10 @@ class _Replica:
             x = x + 0.0 * sum(p.sum() for p in self.parameters())
         # the architecture's layer (next in the MRO), or its compiled call (train.compile)
         layer = getattr(self, "block_forward", None) or super().forward
+        # bf16: the uses' gradients summed in fp32 (apollo_ds.model.shared_grads)
+        sums = use_sums([self], [0] * count)
+        if sums:
+            layer = functools.partial(sums[0].call, fn=layer)
         for _ in range(count):
             x = run_layer(layer, x, self.recompute == "full")
         return x
