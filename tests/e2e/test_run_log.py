@@ -25,7 +25,12 @@ STEP = re.compile(r"^step\s+\d+/\d+ \|.*\| (\d\d:\d\d:\d\d) \| elapsed (\d+:\d\d
 @pytest.fixture(scope="module")
 def two_steps(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runlog")
-    cfg = tiny_config(tmp / "run.yaml", corpus, steps=2, eval_interval=1)
+    # DeepSpeed's csv monitor: the same path a wandb monitor takes, without wandb
+    ds = json.loads((REPO / "ds_configs" / "zero1_fp32.json").read_text())
+    ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp / "csv"), "job_name": "run"}
+    (tmp / "ds.json").write_text(json.dumps(ds))
+    cfg = tiny_config(tmp / "run.yaml", corpus, steps=2, eval_interval=1,
+                      deepspeed_config=str(tmp / "ds.json"))
     r = check_ok(launch(torchrun_cmd(cfg, tmp / "run", nproc=1)), "2-step run")
     return tmp / "run", r
 
@@ -120,3 +125,14 @@ def test_wandb_enabled_without_wandb_is_refused(corpus, tmp_path):
                       f"not installed; pip install wandb, or set \"wandb\": {{\"enabled\": "
                       f"false}}"], r.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_deepspeed_monitor_gets_the_run_scalars(two_steps):
+    """With a DeepSpeed monitor enabled (csv here, wandb the same way), the run's own scalars
+    go to it beside DeepSpeed's: eval/loss per step, equal to metrics.jsonl."""
+    out, _ = two_steps
+    rows = (out.parent / "csv" / "run" / "eval_loss.csv").read_text().splitlines()
+    recs = [m for m in read_metrics(out) if m.get("kind", "train") == "train"]
+    got = [(int(a), float(b)) for a, b in (r.split(",") for r in rows[1:])]
+    assert got == [(m["step"], pytest.approx(m["eval_loss"], rel=1e-6)) for m in recs]
+    assert (out.parent / "csv" / "run" / "apollo_depth.csv").exists()
