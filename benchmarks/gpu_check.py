@@ -13,8 +13,9 @@ Phases (every one bounded by a step count, each prints its progress):
   tput    GPT-2 124M shape (12 x 768, 12 heads, seq 1024, vocab 50304), bf16 ZeRO-1
           (ds_configs/zero1_bf16.json), full depth, via Trainer.train_step: tokens/s, model
           TFLOP/s (apollo_ds.flops: matmuls only, recompute not counted), MFU against the card's
-          dense bf16 peak, peak memory (torch.cuda.max_memory_allocated); with
-          train.recompute=none and =full.
+          dense bf16 peak, peak memory (torch.cuda.max_memory_allocated); one row per
+          variant of TPUT: recompute none/selective/full, train.compile on (with and without
+          full recompute), ZeRO 2 and 3 (bf16), and the Llama shape of the same size compiled.
   pool    PoolGPT (layer map [0..L-1]) against the plain sequential GPT of benchmarks/
           plain_gpt.py, same weights, batches and engine config, ABBA-interleaved
           (throughput.run_pool_plain, imported): the pool/plain tokens/s ratio.
@@ -65,6 +66,21 @@ from offline_data import make_data  # noqa: E402
 
 PHASES = ("tput", "pool", "apollo", "resume")
 
+# The tput variants, each at full depth through Trainer.train_step: (phase key, what differs
+# from the base row: train.recompute none, compile off, the mode's ZeRO-1 config, GPT-2).
+# "zero": the mode's config of that stage (bf16 on the GPU, fp32 in --smoke); "llama": the
+# Llama shape of the same size (RMSNorm, SwiGLU, rotary, GQA with heads/3 K/V heads).
+TPUT = [
+    ("tput_recompute_none", {}),
+    ("tput_recompute_selective", {"recompute": "selective"}),
+    ("tput_recompute_full", {"recompute": "full"}),
+    ("tput_compile", {"compile": True}),
+    ("tput_compile_recompute_full", {"compile": True, "recompute": "full"}),
+    ("tput_zero2", {"zero": 2}),
+    ("tput_zero3", {"zero": 3}),
+    ("tput_llama_compile", {"llama": True, "compile": True}),
+]
+
 # Step counts and shapes per mode; sized so the GPU run stays far below 8 minutes on an
 # H100/H200 (the 124M model steps in ~0.1-0.2 s at 32 x 1024 tokens; engine builds, expansions
 # and checkpoints dominate) and the smoke run below 2 minutes on 2 CPU cores.
@@ -72,8 +88,9 @@ MODES = {
     "gpu": dict(
         model=dict(layers=12, hidden=768, heads=12, seq_len=1024, vocab_size=50304),
         text_lines=8000, tokenizer_vocab=4096, ds_config="ds_configs/zero1_bf16.json",
+        zero_config="ds_configs/zero{}_bf16.json",
         micro=8, global_batch=32, lr=3e-4,
-        tput=dict(warmup=3, steps=10),
+        tput=dict(warmup=3, steps=8),
         pool=dict(warmup=2, steps=8, per_turn=2),
         apollo=dict(stages=[3, 6, 12], steps=24, ends=[8, 16]),
         # smaller batch: the math SDPA kernel keeps the whole s x s attention matrices
@@ -82,6 +99,7 @@ MODES = {
     "smoke": dict(
         model=dict(layers=4, hidden=64, heads=4, seq_len=32, vocab_size=1024),
         text_lines=2000, tokenizer_vocab=512, ds_config="ds_configs/zero1_fp32.json",
+        zero_config="ds_configs/zero{}_fp32.json",
         micro=2, global_batch=4, lr=3e-3,
         tput=dict(warmup=2, steps=8),
         pool=dict(warmup=2, steps=8, per_turn=2),
@@ -123,7 +141,7 @@ class Ctx(SimpleNamespace):
 
 
 def make_cfg(c: Ctx, name: str, steps: int, *, micro=None, global_batch=None, recompute="none",
-             apollo=None, stop_after=0):
+             apollo=None, stop_after=0, extra=()):
     from apollo_ds.config import load_config, validate
     S, m = c.S, c.S["model"]
     over = [f"model.{k}={v}" for k, v in m.items()]
@@ -137,6 +155,7 @@ def make_cfg(c: Ctx, name: str, steps: int, *, micro=None, global_batch=None, re
              f"train.out_dir={os.path.join(c.work, 'runs', name)}", "train.save_interval=0",
              "train.eval_interval=0", "train.eval_iters=1", "train.log_interval=4",
              f"train.stop_after={stop_after}"]
+    over += list(extra)     # later overrides win
     if apollo:
         over += ["apollo.enabled=true", f"apollo.stages={apollo['stages']}",
                  f"apollo.stage_ends={apollo['ends']}"]
@@ -192,11 +211,22 @@ def read_losses(out_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- phases
-def phase_tput(c: Ctx, recompute: str) -> dict:
+def variant_overrides(c: Ctx, opts: dict) -> list[str]:
+    over = [f"train.compile={str(bool(opts.get('compile'))).lower()}"]
+    if opts.get("zero"):
+        over.append(f"train.deepspeed_config={c.S['zero_config'].format(opts['zero'])}")
+    if opts.get("llama"):
+        heads = c.S["model"]["heads"]
+        over += ["model.arch=llama", f"model.kv_heads={max(1, heads // 3)}"]
+    return over
+
+
+def phase_tput(c: Ctx, key: str, opts: dict) -> dict:
     from apollo_ds.training.loop import Trainer
     P, L = c.S["tput"], c.S["model"]["layers"]
     total = P["warmup"] + P["steps"]
-    cfg = make_cfg(c, f"tput_{recompute}", total, recompute=recompute)
+    recompute = opts.get("recompute", "none")
+    cfg = make_cfg(c, key, total, recompute=recompute, extra=variant_overrides(c, opts))
     fresh(cfg)
     base = mem_start(c)
     t0 = time.perf_counter()
@@ -207,14 +237,16 @@ def phase_tput(c: Ctx, recompute: str) -> dict:
         for s in range(1, total + 1):
             recs.append(tr.train_step(s))
             if s == total or s % max(1, total // 4) == 0:
-                log(f"tput recompute={recompute}: step {s}/{total} loss {recs[-1]['loss']:.4f}"
+                log(f"{key}: step {s}/{total} loss {recs[-1]['loss']:.4f}"
                     f" {recs[-1]['tokens_per_s']:,.0f} tok/s")
     finally:
         close(tr)
     timed = recs[P["warmup"]:]
     assert all(dd == L for r in recs for dd in r["depths"]), "Apollo off must run depth L"
     med = statistics.median(r["step_time_s"] for r in timed)
-    out = {"recompute": recompute, "steps_timed": len(timed), "warmup_steps": P["warmup"],
+    out = {"recompute": recompute, "compile": cfg.train.compile, "arch": cfg.model.arch,
+           "ds_config": cfg.train.deepspeed_config,
+           "steps_timed": len(timed), "warmup_steps": P["warmup"],
            "median_step_s": med, "min_step_s": min(r["step_time_s"] for r in timed),
            "tokens_per_step": timed[0]["tokens"], "flops_per_step": timed[0]["flops"],
            **rates(c, timed[0]["tokens"], timed[0]["flops"], med),
@@ -477,8 +509,8 @@ def main(argv=None) -> int:
            "phases": {}, "phase_wall_s": {}, "elapsed_s": 0.0, "complete": False}
     runs = []
     if "tput" in a.phase_list:
-        runs += [("tput_recompute_none", lambda: phase_tput(c, "none")),
-                 ("tput_recompute_full", lambda: phase_tput(c, "full"))]
+        runs += [(key, lambda key=key, opts=opts: phase_tput(c, key, opts))
+                 for key, opts in TPUT]
     if "pool" in a.phase_list:
         runs.append(("pool_vs_plain", lambda: phase_pool(c)))
     if "apollo" in a.phase_list:

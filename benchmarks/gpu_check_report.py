@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 # The dense bf16 peaks (by device name) are the training log's: one table for the step line's
@@ -28,7 +29,7 @@ def print_table(res: dict) -> None:
           f"({res['peak_source']})")
     print(f"model {m['layers']} x {m['hidden']}, {m['heads']} heads, seq {m['seq_len']}, vocab "
           f"{m['vocab_size']}; micro {res['shape']['micro']} global "
-          f"{res['shape']['global_batch']}; {res['shape']['ds_config']} (ZeRO-1); MFU counts "
+          f"{res['shape']['global_batch']}; {res['shape']['ds_config']} unless named; MFU counts "
           f"model FLOPs (matmuls, no recompute)")
     print(f"{'phase':<34} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  notes")
 
@@ -36,10 +37,11 @@ def print_table(res: dict) -> None:
         print(f"{name:<34} {fmt(tps, ',.0f'):>11} {fmt(tf, '.1f' if tf and tf >= 1 else '.4f'):>8}"
               f" {fmt(mfu, '.1%'):>6} {fmt(mem, '.2f'):>9}  {note}")
 
-    for rc in ("none", "full"):
-        x = ph.get(f"tput_recompute_{rc}")
-        if x:
-            row(f"full depth, recompute {rc}", x["tokens_per_s"], x["model_tflops"], x["mfu"],
+    for key, x in ph.items():
+        if key.startswith("tput_") and "error" not in x:
+            what = [f"recompute {x['recompute']}", "compiled" if x.get("compile") else "eager",
+                    x.get("arch", "gpt2"), os.path.basename(x.get("ds_config", ""))[:-5]]
+            row(", ".join(what), x["tokens_per_s"], x["model_tflops"], x["mfu"],
                 x["peak_mem_gib"], f"median {x['median_step_s']:.4f} s/step")
     x = ph.get("pool_vs_plain")
     if x:

@@ -17,14 +17,23 @@ def test_gpu_check_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["complete"] and res["smoke"]
     ph = res["phases"]
-    assert set(ph) == {"tput_recompute_none", "tput_recompute_full", "pool_vs_plain", "apollo",
-                       "resume"}
+    tput = {"tput_recompute_none", "tput_recompute_selective", "tput_recompute_full",
+            "tput_compile", "tput_compile_recompute_full", "tput_zero2", "tput_zero3",
+            "tput_llama_compile"}
+    assert set(ph) == tput | {"pool_vs_plain", "apollo", "resume"}
     for name, x in ph.items():
         assert "error" not in x, (name, x.get("error"))
         assert x["tokens_per_s"] > 0 and math.isfinite(x["tokens_per_s"]), name
     assert res["peak_tflops"] is None and ph["tput_recompute_none"]["mfu"] is None  # CPU: n/a
-    for rc in ("none", "full"):
-        assert ph[f"tput_recompute_{rc}"]["model_tflops"] > 0
+    for key in tput:
+        assert ph[key]["model_tflops"] > 0, key
+    assert ph["tput_llama_compile"]["arch"] == "llama" and ph["tput_llama_compile"]["compile"]
+    assert ph["tput_zero3"]["ds_config"] == "ds_configs/zero3_fp32.json"
+    # the same model, batches and seed: recompute and compile change no loss (fp32, dropout 0)
+    base = ph["tput_recompute_none"]["losses"]
+    for key in ("tput_recompute_selective", "tput_recompute_full", "tput_compile",
+                "tput_compile_recompute_full", "tput_zero2", "tput_zero3"):
+        assert max(abs(a - b) for a, b in zip(ph[key]["losses"], base)) < 1e-4, key
 
     pp = ph["pool_vs_plain"]
     assert pp["pool"]["tokens_per_s"] > 0 and pp["plain"]["tokens_per_s"] > 0
