@@ -8,11 +8,10 @@ def make_plain_class():
     """Defined lazily: torch / megatron-core import slowly."""
     import torch
     import torch.nn.functional as F
-    from megatron.core import tensor_parallel
     from torch import nn
 
     from apollo_ds.model import PoolGPT
-    from apollo_ds.model.gpt import Block
+    from apollo_ds.model.gpt import Block, lm_loss
 
     class PlainGPT(nn.Module):
         """PoolGPT's architecture with its L layers in ``self.layers`` run in order: same
@@ -47,14 +46,10 @@ def make_plain_class():
                 x = block(x)
             x = self.final_norm(x)
             logits, _ = self.lm_head(x, weight=self.word_embeddings.weight)
-            if self.has_pad:
-                logits = logits.masked_fill(self.pad_mask, float("-inf"))
+            pad = self.pad_mask if self.has_pad else None
             if labels is None:
-                return logits
-            losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-            if loss_mask is None:
-                return losses.mean()
-            return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+                return logits if pad is None else logits.masked_fill(pad, float("-inf"))
+            return lm_loss(logits, labels, loss_mask, pad)   # PoolGPT's loss
 
     return PlainGPT
 

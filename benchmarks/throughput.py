@@ -46,6 +46,7 @@ apollo_ds.distributed.init, which also sets up megatron-core's parallel_state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -111,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (default: cores // nproc)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--compile", action="store_true",
+                   help="train.compile=true: every arm's blocks torch.compile'd")
+    p.add_argument("--no-ddp", dest="ddp", action="store_false",
+                   help="leave out the plain torch DDP loop arm (tp=1, ZeRO 0/1, fp32 only)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-layout", default=None, help=argparse.SUPPRESS)
@@ -166,14 +171,15 @@ def build_cfg(a, tp: int, pp: int, vocab: int, extra=(), global_batch=None):
             f"train.global_batch={global_batch or a.global_batch}",
             f"train.steps={a.warmup_steps + a.steps}", "train.lr=0.001", "train.warmup=0",
             f"train.seed={a.seed}", f"train.deepspeed_config={a.deepspeed_config}",
-            "train.optimizer=adamw", f"train.out_dir={tempfile.gettempdir()}/apollo_tput"]
+            "train.optimizer=adamw", f"train.out_dir={tempfile.gettempdir()}/apollo_tput",
+            f"train.compile={'true' if getattr(a, 'compile', False) else 'false'}"]
     return load_config(None, over + list(extra))
 
 
 def run_worker(a, layout) -> dict:
     """Measure pool vs plain in this process group (1 process, or torchrun ranks)."""
     name, tp, pp = layout
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # the machine's accelerator (CUDA when it works; DS_ACCELERATOR=cpu forces the CPU)
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                  ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
@@ -237,6 +243,12 @@ def run_pool_plain(a, cfg, d) -> dict:
     lmap = list(range(cfg.model.layers))
     calls = {"pool": lambda e, b: e(b["tokens"], lmap, b["labels"], b["loss_mask"]),
              "plain": lambda e, b: e(b["tokens"], b["labels"], b["loss_mask"])}
+    # "ddp": the plain model in a plain torch loop, nanoGPT style (DistributedDataParallel,
+    # torch AdamW, clip_grad_norm_), no DeepSpeed: the stack's cost against none at all
+    ddp = None
+    if getattr(a, "ddp", False) and d.tp == 1 and ds_cfg.get("zero_optimization", {}).get(
+            "stage", 0) <= 1 and not ds_cfg.get("bf16", {}).get("enabled"):
+        ddp = make_ddp_arm(cfg, pool, d)
     # Pre-load every micro-batch once so data loading is outside the timed region.
     batches = {}
     for step in range(1, total_steps + 1):
@@ -247,16 +259,30 @@ def run_pool_plain(a, cfg, d) -> dict:
             batches[step, k] = {kk: v.to(d.device) for kk, v in b.items()}
 
     def one_step(which: str, step: int) -> tuple[float, float]:
-        eng = engines[which]
-        set_lr(eng, lr_at(step, cfg))
         torch.distributed.barrier()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-        for k in range(grad_accum):
-            loss = calls[which](eng, batches[step, k])
-            eng.backward(loss)
-            eng.step()
-            loss_sum += loss.detach().double()
+        if which == "ddp":
+            for g in ddp["opt"].param_groups:
+                g["lr"] = lr_at(step, cfg)
+            for k in range(grad_accum):
+                sync = ddp["model"].no_sync() if k + 1 < grad_accum else contextlib.nullcontext()
+                with sync:
+                    b = batches[step, k]
+                    loss = ddp["model"](b["tokens"], b["labels"], b["loss_mask"])
+                    (loss / grad_accum).backward()
+                loss_sum += loss.detach().double()
+            torch.nn.utils.clip_grad_norm_(ddp["params"], t.grad_clip)
+            ddp["opt"].step()
+            ddp["opt"].zero_grad(set_to_none=True)
+        else:
+            eng = engines[which]
+            set_lr(eng, lr_at(step, cfg))
+            for k in range(grad_accum):
+                loss = calls[which](eng, batches[step, k])
+                eng.backward(loss)
+                eng.step()
+                loss_sum += loss.detach().double()
         # One host sync per step, inside the timed region (as the Trainer does): on CUDA it
         # waits for the step's kernels, and it spares a sync per micro-batch.
         loss_val = loss_sum.item()
@@ -264,14 +290,15 @@ def run_pool_plain(a, cfg, d) -> dict:
         dt = distributed.all_reduce([time.perf_counter() - t0], op="max").item()
         return dt, loss_val / grad_accum
 
-    times = {"pool": [], "plain": []}
-    turns = {"pool": [], "plain": []}      # turn index of every timed step (for pairing)
-    losses = {"pool": [], "plain": []}
-    next_step = {"pool": 1, "plain": 1}
+    arms = ["pool", "plain"] + (["ddp"] if ddp else [])
+    times = {k: [] for k in arms}
+    turns = {k: [] for k in arms}      # turn index of every timed step (for pairing)
+    losses = {k: [] for k in arms}
+    next_step = dict.fromkeys(arms, 1)
     order, turn = [], 0
     # ABBA BAAB ...: each model goes first equally often and drifts cancel to first order
     while min(next_step.values()) <= total_steps:
-        pair = ("pool", "plain") if turn % 4 in (0, 3) else ("plain", "pool")
+        pair = arms if turn % 4 in (0, 3) else arms[::-1]
         for which in pair:
             for _ in range(a.steps_per_turn):
                 s = next_step[which]
@@ -286,12 +313,35 @@ def run_pool_plain(a, cfg, d) -> dict:
                     order.append(which)
         turn += 1
     # Same weights, data and optimizer: the two losses must agree (up to float reassociation).
-    max_loss_diff = max(abs(x - y) for x, y in zip(losses["pool"], losses["plain"]))
+    max_loss_diff = max(abs(x - y) for k in arms[1:] for x, y in zip(losses["pool"], losses[k]))
     tokens = t.global_batch * cfg.model.seq_len
     return {"n_params": n_params, "tokens_per_step": tokens,
             "step_times": times, "step_turns": turns, "losses": losses,
             "max_loss_diff": max_loss_diff,
-            "order": "".join("A" if o == "pool" else "B" for o in order)}
+            "order": "".join({"pool": "A", "plain": "B", "ddp": "C"}[o] for o in order)}
+
+
+def make_ddp_arm(cfg, pool, d) -> dict:
+    """The plain model (pool's weights) under torch DDP over the data-parallel group, torch
+    AdamW (fused on CUDA) with apollo_ds's decay groups, blocks compiled with train.compile."""
+    import torch
+    from megatron.core import parallel_state
+
+    from apollo_ds.model.gpt import Block
+    from apollo_ds.training.engine import param_groups
+    t = cfg.train
+    model = make_plain_class()(cfg.model)
+    model.load_from_pool(pool)
+    model.to(d.device)
+    if t.compile:
+        from apollo_ds.model.compile import compile_blocks
+        compile_blocks(model, (Block,))
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.device.index] if d.on_cuda else None,
+        process_group=parallel_state.get_data_parallel_group())
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
+                            betas=(t.beta1, t.beta2), eps=1e-8, fused=d.on_cuda)
+    return {"model": ddp, "opt": opt, "params": list(model.parameters())}
 
 
 def run_trainer_route(a, tp: int, pp: int, vocab: int, d) -> dict:
@@ -356,8 +406,7 @@ def launch_worker(a, argv, layout_name: str, out_json: str) -> dict:
            # (the worker sees only its own layout: pass the route decided over all layouts)
            "--trainer-route", "on" if a.use_trainer else "off",
            "--bubble-fit", "on" if a.use_bubble_fit else "off"]
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-               OMP_NUM_THREADS=str(a.threads or max(1, (os.cpu_count() or 1) // a.nproc)),
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads or max(1, (os.cpu_count() or 1) // a.nproc)),
                PYTHONUNBUFFERED="1")
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if r.returncode != 0:

@@ -22,6 +22,9 @@ def summarise(step_times: dict, tokens: int) -> dict:
                                          / out["plain"]["tokens_per_s_mean"])
     # interference from other jobs only ever adds time: the fastest steps are the cleanest
     out["ratio_pool_over_plain_min"] = out["plain"]["min_step_s"] / out["pool"]["min_step_s"]
+    if "ddp" in out:   # the whole stack against a plain torch DDP loop of the same model
+        out["ratio_pool_over_ddp"] = out["pool"]["tokens_per_s"] / out["ddp"]["tokens_per_s"]
+        out["ratio_pool_over_ddp_min"] = out["ddp"]["min_step_s"] / out["pool"]["min_step_s"]
     return out
 
 
@@ -118,7 +121,7 @@ def print_table(results: list[dict]) -> None:
           f"{'IQR s':>15} {'min s':>7} {'tokens/s':>10}")
     for r in results:
         s = r["summary"]
-        for which in ("pool", "plain"):
+        for which in [k for k in ("pool", "plain", "ddp") if k in s]:
             x = s[which]
             print(f"{r['layout']:<9} {r['world']:>5} {which:<6} {x['steps']:>5} "
                   f"{x['median_step_s']:>13.4f} "
@@ -129,7 +132,11 @@ def print_table(results: list[dict]) -> None:
               f"(medians; paired {s['ratio_pool_over_plain_paired'] or float('nan'):.3f}, "
               f"min-based {s['ratio_pool_over_plain_min']:.3f}, "
               f"mean-based {s['ratio_pool_over_plain_mean']:.3f}; goal >= 0.97: {ok}); "
-              f"max |loss_pool - loss_plain| = {r['max_loss_diff']:.2e}")
+              f"max |loss_pool - loss_other| = {r['max_loss_diff']:.2e}")
+        if "ratio_pool_over_ddp" in s:
+            print(f"{r['layout']:<9} {'':>5} pool/ddp tokens/s = {s['ratio_pool_over_ddp']:.3f} "
+                  f"(medians; min-based {s['ratio_pool_over_ddp_min']:.3f}): the whole stack "
+                  f"(DeepSpeed engine, pool) vs a plain torch DDP loop of the same model")
     if len(results) > 1:
         base = results[0]
         for r in results[1:]:
