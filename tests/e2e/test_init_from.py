@@ -104,7 +104,7 @@ def test_tp2_run_directory_grown_into_4_layers_at_tp1(source, corpus, tmp_path,
     loss is the export's network with that layer map, in transformers."""
     run_dir, hf = source
     cfg = tiny_config(tmp_path / "run.yaml", corpus, steps=2, out_dir=str(tmp_path / "run"),
-                      init_from=str(run_dir))
+                      init_from=str(run_dir), init_from_tag="step_0000004")
     over = ["model.layers=4"]
     r = check_ok(run(_single(cfg, *over)), "init from the TP2 run directory")
     assert "into a pool of 4: pool layer i = source layer [0, 0, 1, 1] (interpolate)" in r.stdout
