@@ -141,11 +141,11 @@ def check(state: dict, cfg: RunConfig, layout: dict, where: str) -> Verdict:
         if name.startswith("apollo.stage_ends") and saved_train.get("steps") != cfg.train.steps:
             hint = (f"; to train longer under the same schedule pass the ends as step numbers: "
                     f"apollo.stage_ends=[{','.join(str(e) for e in state['stage_end_steps'])}]")
-        allow = (f", list it in train.allow_changes=[{_category(name)}] to change it on "
-                 f"purpose," if _category(name) else "")
+        allow = (f"; to change it on purpose, list it in train.allow_changes=["
+                 f"{_category(name)}]" if _category(name) else "")
         raise ConfigError(f"cannot resume from {where}: {name} was {old}, this run has {new}"
-                          f"{more}; restore the checkpoint's setting to resume{allow} or use "
-                          f"a new train.out_dir to start another run{hint}")
+                          f"{more}; restore the checkpoint's setting to resume, or use a new "
+                          f"train.out_dir to start another run{hint}{allow}")
     old_layout = state.get("layout") or {k: state[k] for k in ("dp", "tp", "pp") if k in state}
     changed = {k: (old_layout[k], layout[k]) for k in layout
                if k in old_layout and old_layout[k] != layout[k]}

@@ -144,7 +144,8 @@ def test_allow_changes_accepts_a_changed_global_batch(source, corpus, tmp_path):
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "train.global_batch was 8, this run has 16" in errors[0]
-    assert "list it in train.allow_changes=[global_batch] to change it on purpose" in errors[0]
+    assert errors[0].endswith("; to change it on purpose, list it in "
+                              "train.allow_changes=[global_batch]")
     r = check_ok(run(_single(cfg, "train.global_batch=16", "train.allow_changes=[global_batch]",
                              f"train.init_from={hf}")), "resume with an allowed change")
     assert ("train.global_batch changed on resume: 8 -> 16 (allowed by train.allow_changes)"
@@ -152,3 +153,23 @@ def test_allow_changes_accepts_a_changed_global_batch(source, corpus, tmp_path):
     assert f"train.init_from={hf} is ignored" in r.stdout
     recs = _train_records(tmp_path / "run")
     assert [(x["step"], x["tokens"]) for x in recs] == [(1, 256), (2, 256), (3, 512), (4, 512)]
+
+
+def test_llama_export_with_grouped_query_attention(corpus, tmp_path, single_process_group):
+    """A Llama export (2 heads sharing 1 key/value head, untied head) read back through
+    hf_llama.from_hf: the first loss is the export's own in transformers."""
+    from transformers import LlamaForCausalLM
+    llama = {"arch": "llama", "kv_heads": 1}
+    src = tiny_config(tmp_path / "src.yaml", corpus, steps=2, out_dir=str(tmp_path / "src"))
+    model_over = [f"model.{k}={v}" for k, v in llama.items()]
+    check_ok(run(_single(src, *model_over)), "the llama source run")
+    from apollo_ds.convert.to_hf import main
+    assert main(["--checkpoint", str(tmp_path / "src"), "--output", str(tmp_path / "hf")]) == 0
+    cfg = tiny_config(tmp_path / "run.yaml", corpus, steps=1, out_dir=str(tmp_path / "run"),
+                      init_from=str(tmp_path / "hf"))
+    r = check_ok(run(_single(cfg, *model_over)), "init from the llama export")
+    assert "(Hugging Face LlamaForCausalLM, 2 unique layers)" in r.stdout
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    want = _first_step_loss(hf, cfg, model_over)
+    got = _train_records(tmp_path / "run")[0]["loss"]
+    assert abs(got - want) < 1e-5, (got, want)

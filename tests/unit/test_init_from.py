@@ -94,3 +94,30 @@ def test_check_refusals():
     with pytest.raises(ConfigError, match=r"has MLP width 512 but this model has the MLP width "
                        r"\(model.ffn_mult / model.ffn_hidden\) 256"):
         init_from.check(src, _cfg(vocab_size=4096, ffn_mult=2))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.allow_changes=[model]"], "train.allow_changes=['model']: model cannot be allowed; "
+     "choose from data, tokenizer, global_batch, seed (the model and the Apollo schedule never "
+     "change on resume)"),
+    (["train.init_from_tag=step_0000004"], "train.init_from_tag=step_0000004 needs "
+     "train.init_from (the run directory)"),
+])
+def test_settings_refused(overrides, message):
+    from apollo_ds.config import load_config, validate
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(None, overrides), check_files=False)
+    assert str(e.value) == message
+
+
+def test_missing_source_is_refused(tmp_path):
+    from apollo_ds.config import load_config, validate
+    cfg = validate(load_config(None, [f"train.init_from={tmp_path}/nope"]), check_files=False)
+    with pytest.raises(ConfigError) as e:
+        init_from.open_source(cfg)
+    assert str(e.value) == (f"train.init_from={tmp_path}/nope: no such directory; give a run's "
+                            f"train.out_dir, a checkpoint tag directory or a Hugging Face export")
+    (tmp_path / "empty").mkdir()
+    cfg.train.init_from = str(tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"^train.init_from: no `latest` file in "):
+        init_from.open_source(cfg)
