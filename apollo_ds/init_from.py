@@ -136,7 +136,10 @@ class InitState(Mapping):
         self.sources = expansion_sources(src.n_layers, n_unique, cfg.apollo.grow)
 
     def _params(self) -> dict:
-        return dict(self.runtime.named_parameters())
+        # the model build() just made (looked up once per model, not per parameter)
+        if getattr(self, "_model", None) is not self.runtime.model:
+            self._model, self._named = self.runtime.model, dict(self.runtime.named_parameters())
+        return self._named
 
     def __iter__(self):
         return iter(self._params())
