@@ -164,6 +164,13 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# set by run_log.RunLog on rank 0: () -> " | HH:MM:SS | elapsed H:MM:SS", appended to every
+# line print0 writes that does not carry its own clock (the step lines add the ETA too)
+clock = None
+
+
 def print0(rank: int, msg: str) -> None:
     if rank == 0:
+        if clock is not None and " | elapsed " not in msg:
+            msg += clock()
         print(msg, file=sys.stdout, flush=True)

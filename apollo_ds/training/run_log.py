@@ -1,7 +1,8 @@
 """What a run tells its user, on rank 0: the start-up banner (model size, layout, data, the
 Apollo plan), the resolved config with package versions and the code's revision in
 ``out_dir/config.resolved.yaml`` (written before the first step, so a run that dies early
-still leaves its record), the time, elapsed time and ETA of every step line, and
+still leaves its record), the time and elapsed time of every line the trainer prints (and the
+ETA of every step line), and
 ``out_dir/train.log``: everything rank 0 prints to stdout, appended, one block per start."""
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 import yaml
 
 from apollo_ds.config import ConfigError
+from apollo_ds.training import metrics
 
 LOG = "train.log"
 RESOLVED = "config.resolved.yaml"
@@ -105,8 +107,10 @@ class RunLog:
     def __init__(self, out_dir: str, rank: int):
         self.out_dir, self.rank, self.tee = out_dir, rank, None
         self.t0, self.step0 = time.perf_counter(), 0
+        self.wall = lambda: time.perf_counter() - self.t0   # the Trainer's, from start()
         if rank != 0:
             return
+        metrics.clock = self.stamp
         os.makedirs(out_dir, exist_ok=True)
         if isinstance(sys.stdout, _Tee):   # an earlier run in this process: its log ends here
             old = sys.stdout
@@ -118,7 +122,12 @@ class RunLog:
         print(f"==== start {time.strftime('%Y-%m-%d %H:%M:%S %Z')} pid {os.getpid()}: "
               f"{' '.join(sys.argv)}", flush=True)
 
+    def stamp(self) -> str:
+        return f" | {time.strftime('%H:%M:%S')} | elapsed {hms(self.wall())}"
+
     def close(self) -> None:
+        if metrics.clock == self.stamp:
+            metrics.clock = None
         if self.tee is None:
             return
         if sys.stdout is self.tee:
@@ -138,6 +147,7 @@ class RunLog:
     def start(self, trainer) -> None:
         """Banner and resolved config (rank 0), right before the first step."""
         self.t0, self.step0 = time.perf_counter(), trainer.step
+        self.wall = trainer._wall   # earlier starts included
         if self.rank != 0:
             return
         info = {"versions": versions(), "git": git_revision(), "layout": trainer.layout,

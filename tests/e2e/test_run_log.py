@@ -78,6 +78,10 @@ def test_step_lines_clock_and_log_file(two_steps):
     log = (out / LOG).read_text()
     assert [m.group(0) for m in STEP.finditer(log)] == lines
     assert log.startswith("==== start ") and "done: step 2/2" in log
+    # the trainer's other lines carry the time and elapsed time too
+    clock = r" \| \d\d:\d\d:\d\d \| elapsed \d+:\d\d:\d\d$"
+    for head in ("saved checkpoint ", "done: step 2/2 "):
+        assert re.search(rf"^{head}.*{clock}", r.stdout, re.M), (head, r.stdout)
     assert log.count("==== start ") == 1
 
 
