@@ -1,6 +1,7 @@
 """No rank ever holds the whole model's state during an expansion or a save: every gathered
 tensor (another rank's data) is tracked while alive (workers/memory_bound_check.py), and the
-largest set alive at once is bounded by the largest single parameter, not by the model."""
+largest set alive at once is bounded by the largest single parameter, not by the model. Under
+ZeRO-3 the grown model is built partitioned."""
 import json
 
 import pytest
@@ -24,6 +25,9 @@ def _run(tmp_path, corpus, zero, parallel=None):
                                            (1, {"pp": 2})])
 def test_expansion_and_save_gather_one_parameter_at_a_time(zero, parallel, corpus, tmp_path):
     for r in _run(tmp_path, corpus, zero, parallel):
+        # ZeRO-3 builds the grown model partitioned (deepspeed.zero.Init): no parameter is
+        # whole on any rank when the model comes out of its constructor and initialisation
+        assert r["built_partitioned"] == [zero == 3], r["built_partitioned"]
         model_state = 12 * sum(r["full_numel"])          # fp32 master + 2 moments, all of it
         largest = 12 * max(r["full_numel"])             # the same for the largest parameter
         # expansion: one gather of (master, exp_avg, exp_avg_sq) of one TP shard at a time,

@@ -75,6 +75,16 @@ def main():
         for n in names:
             if hasattr(mod, n):
                 live.wrap(mod, n)
+    built = []   # per model built during the expansion: was every parameter already a shard?
+    rt_new_model = tr.runtime.new_model
+
+    def new_model(n):
+        m = rt_new_model(n)
+        built.append(all(hasattr(p, "ds_id") and p.numel() == 0
+                         and p.ds_tensor.numel() <= -(-p.ds_numel // dist.dp)
+                         for p in m.parameters()))
+        return m
+    tr.runtime.new_model = new_model
     boundary = tr.schedule.end_step(0)
     for s in range(1, boundary + 1):
         tr.train_step(s)
@@ -90,7 +100,7 @@ def main():
     live.reset()
     tr.save()
     save = {"peak": live.peak, "total": live.total, "calls": live.calls}
-    rec = {"rank": dist.rank, "expand": expand, "save": save,
+    rec = {"rank": dist.rank, "expand": expand, "save": save, "built_partitioned": built,
            "tp_numel": tp_numel, "largest_tp_numel": max(tp_numel),
            "full_numel": [math.prod(m["shape"]) for m in json.load(open(os.path.join(
                tr.ckpt_dir, checkpoint.find_latest(tr.ckpt_dir)[0], portable.PARAMS,
