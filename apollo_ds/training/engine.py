@@ -144,7 +144,7 @@ def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist,
         from apollo_ds.model.compile import compile_blocks
         from apollo_ds.model.gpt import Block
         from apollo_ds.model.llama import LlamaBlock
-        compile_blocks(model, (Block, LlamaBlock))
+        compile_blocks(model, (Block, LlamaBlock), tp=cfg.parallel.tp)
     optimizer = None
     if "optimizer" not in ds:
         # The fused (multi-tensor, single-kernel) AdamW on CUDA; the same math on CPU.
