@@ -95,20 +95,30 @@ def read_state(engine, named_parameters) -> dict[str, dict[str, torch.Tensor]]:
     return {name: read_entry(engine, p) for name, p in named_parameters}
 
 
+def _write_zero3_partition(p, param: torch.Tensor) -> None:
+    """A ZeRO-3 module parameter from its full value (which every rank has): this rank's
+    partition (``ds_tensor``, padded at the end) and, where the parameter is resident whole
+    (persistent small parameters), the whole; no collective."""
+    flat = param.reshape(-1)
+    part = p.ds_tensor.data.reshape(-1)
+    start = torch.distributed.get_rank(group=p.ds_process_group) * part.numel()
+    n = max(0, min(part.numel(), p.ds_numel - start))
+    part[:n].copy_(flat[start:start + n].to(part.device, part.dtype))
+    if p.data.numel() == p.ds_numel:
+        p.data.copy_(param.reshape(p.data.shape).to(p.device, p.dtype))
+
+
 def write_entry(engine, p, values: dict) -> None:
     """Write one parameter's full (tensor-parallel shard) fp32 ``values`` ({"param",
     "exp_avg", "exp_avg_sq"}; a missing or None moment is zero) into the engine: the module
-    (low-precision) weights, the fp32 master and the Adam moments. Under ZeRO-3 the module
-    weights are rewritten through a gather of that one parameter (collective over its
-    data-parallel group: every rank calls it for the same parameters in the same order)."""
+    (low-precision) weights, the fp32 master and the Adam moments; each rank keeps its own
+    part (no collective)."""
     param = values["param"]
     moments = {k: values[k] if values.get(k) is not None else torch.zeros_like(param)
                for k in MOMENTS}
     with torch.no_grad():
         if hasattr(p, "ds_id"):
-            import deepspeed
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data.copy_(param.reshape(p.shape).to(p.device, p.dtype))
+            _write_zero3_partition(p, param)
         elif _uses_hp_mapping(p):
             p.data.copy_(param.reshape(p.shape).to(p.device, p.dtype))
         if _uses_hp_mapping(p):
