@@ -31,10 +31,10 @@ def print_table(res: dict) -> None:
           f"{m['vocab_size']}; micro {res['shape']['micro']} global "
           f"{res['shape']['global_batch']}; {res['shape']['ds_config']} unless named; MFU counts "
           f"model FLOPs (matmuls, no recompute)")
-    print(f"{'phase':<34} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  notes")
+    print(f"{'phase':<46} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}  notes")
 
     def row(name, tps, tf, mfu, mem, note=""):
-        print(f"{name:<34} {fmt(tps, ',.0f'):>11} {fmt(tf, '.1f' if tf and tf >= 1 else '.4f'):>8}"
+        print(f"{name:<46} {fmt(tps, ',.0f'):>11} {fmt(tf, '.1f' if tf and tf >= 1 else '.4f'):>8}"
               f" {fmt(mfu, '.1%'):>6} {fmt(mem, '.2f'):>9}  {note}")
 
     for key, x in ph.items():
@@ -66,7 +66,7 @@ def print_table(res: dict) -> None:
             f"{x['attention_kernel']}), eval diff {x['eval_loss_diff']!r}")
     for k, v in res["phases"].items():
         if "error" in v:
-            print(f"{k:<34} FAILED: {v['error'][:300]}")
+            print(f"{k:<46} FAILED: {v['error'][:300]}")
     print(f"total {res['elapsed_s']:.0f} s; phases: " +
           ", ".join(f"{k} {v:.0f} s" for k, v in res["phase_wall_s"].items()))
 
