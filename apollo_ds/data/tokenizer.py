@@ -26,6 +26,7 @@ import re
 from collections import OrderedDict
 
 from apollo_ds.config import ConfigError
+from apollo_ds.rundir import sha256
 
 KINDS = ("sentencepiece", "huggingface", "gpt2", "tiktoken")
 _RETRAIN = "train one with apollo-ds train-tokenizer"
@@ -38,14 +39,6 @@ _EOS_NAMES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP
 _BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=*\s+\d+\s*$")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json(path: str):
@@ -108,10 +101,10 @@ def fingerprint(path: str, kind: str | None = None) -> str | None:
     try:
         files = Tokenizer.files_of(path, kind)
     except ConfigError:
-        return _sha256(path) if os.path.isfile(path) else None
+        return sha256(path) if os.path.isfile(path) else None
     if len(files) == 1:
-        return _sha256(files[0])
-    return hashlib.sha256("".join(f"{os.path.basename(p)}\0{_sha256(p)}\n"
+        return sha256(files[0])
+    return hashlib.sha256("".join(f"{os.path.basename(p)}\0{sha256(p)}\n"
                                   for p in files).encode()).hexdigest()
 
 

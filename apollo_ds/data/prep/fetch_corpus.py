@@ -25,6 +25,8 @@ import sys
 import tarfile
 import time
 
+from apollo_ds.rundir import sha256
+
 RECIPE = 1          # bump when the cleaning / document grouping changes
 TARGET_CHARS = 2048  # close a document once it reaches this size ...
 MAX_CHARS = 4096     # ... and never grow one past this (long paragraphs are cut at spaces)
@@ -56,16 +58,8 @@ def die(msg: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(path: str, want: str) -> None:
-    got = sha256_file(path)
+    got = sha256(path)
     if got != want:
         die(f"sha256 mismatch for {path}: expected {want}, got {got}. It is not the pinned "
             f"release (or is damaged); delete {path} and rerun")
@@ -194,7 +188,7 @@ def up_to_date(corpus: str, manifest: str, srcs: list[dict]) -> bool:
         same = (m["recipe"] == RECIPE
                 and [(s["spec"], s["sha256"]) for s in m["sources"]]
                 == [(s["spec"], s["sha256"]) for s in srcs])
-        return same and m["corpus_sha256"] == sha256_file(corpus)
+        return same and m["corpus_sha256"] == sha256(corpus)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
