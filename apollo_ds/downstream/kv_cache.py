@@ -34,7 +34,29 @@ def _positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(1) - 1).clamp(min=0)
 
 
-class NativeDecoder:
+class _Decoder:
+    """start(prompts) fills the cache and gives each row's last logits; step(tokens) appends
+    one token per row. Subclasses provide _reset() and _run(tokens, positions)."""
+
+    @torch.no_grad()
+    def start(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts, filling the cache; logits of each row's last token [b, vocab]."""
+        tokens, self.valid = _left_pad(prompts, self.device)
+        self._reset()
+        self.next_pos = self.valid.long().sum(1)
+        return self._run(tokens, _positions(self.valid))
+
+    @torch.no_grad()
+    def step(self, next_tokens: list[int]) -> torch.Tensor:
+        """Append one token per row; its logits [b, vocab]."""
+        tokens = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
+        self.valid = torch.cat([self.valid, self.valid.new_ones(len(next_tokens), 1)], 1)
+        pos = self.next_pos[:, None]
+        self.next_pos = self.next_pos + 1
+        return self._run(tokens, pos)
+
+
+class NativeDecoder(_Decoder):
     """Cached full-depth decoding of a PoolGPT (eval mode, TP=1)."""
 
     def __init__(self, model, layer_map: list[int]):
@@ -46,22 +68,8 @@ class NativeDecoder:
             block = model.pool[0]
             self.rope = rope_tables(model.cfg.seq_len, block.head_dim, block.theta, self.device)
 
-    @torch.no_grad()
-    def start(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Run the prompts, filling the cache; logits of each row's last token [b, vocab]."""
-        tokens, self.valid = _left_pad(prompts, self.device)
+    def _reset(self) -> None:
         self.kv: list = [None] * len(self.lmap)
-        self.next_pos = self.valid.long().sum(1)
-        return self._forward(tokens, _positions(self.valid))
-
-    @torch.no_grad()
-    def step(self, next_tokens: list[int]) -> torch.Tensor:
-        """Append one token per row; its logits [b, vocab]."""
-        tokens = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
-        self.valid = torch.cat([self.valid, self.valid.new_ones(len(next_tokens), 1)], 1)
-        pos = self.next_pos[:, None]
-        self.next_pos = self.next_pos + 1
-        return self._forward(tokens, pos)
 
     def _mask(self, s: int) -> torch.Tensor | None:
         """None when no row is padded (plain causal attention, as in training), else
@@ -76,7 +84,7 @@ class NativeDecoder:
         mask = self.valid[:, None, None, :] & causal[None, None]
         return mask | (cols[None, :] == rows[:, None])[None, None]
 
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         m = self.m
         x = m.word_embeddings(tokens)
         if hasattr(m, "position_embeddings"):
@@ -122,7 +130,7 @@ class NativeDecoder:
         return x + out
 
 
-class HFDecoder:
+class HFDecoder(_Decoder):
     """Cached decoding of a transformers causal LM through its past_key_values."""
 
     def __init__(self, model, vocab_size: int):
@@ -139,17 +147,5 @@ class HFDecoder:
         self.past = getattr(out, self.key)
         return out.logits[:, -1, :self.vocab].float()
 
-    @torch.no_grad()
-    def start(self, prompts: list[list[int]]) -> torch.Tensor:
-        tokens, self.valid = _left_pad(prompts, self.device)
+    def _reset(self) -> None:
         self.past = None
-        self.next_pos = self.valid.long().sum(1)
-        return self._run(tokens, _positions(self.valid))
-
-    @torch.no_grad()
-    def step(self, next_tokens: list[int]) -> torch.Tensor:
-        tokens = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
-        self.valid = torch.cat([self.valid, self.valid.new_ones(len(next_tokens), 1)], 1)
-        pos = self.next_pos[:, None]
-        self.next_pos = self.next_pos + 1
-        return self._run(tokens, pos)
