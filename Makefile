@@ -92,7 +92,7 @@ demo: demo-data
 		--max-new-tokens 32 --repetition-penalty 1.3
 
 test: $(STAMP)
-	$(VPY) -m pytest -q tests -m "not slow"
+	$(VPY) -m pytest -q tests -m "not slow" --durations=15
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q tests -m slow
