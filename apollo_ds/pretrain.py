@@ -51,11 +51,16 @@ def _launcher_world() -> int | None:
     return None
 
 
-def main(argv=None) -> int:
+def main(argv=None, watch: bool | None = None) -> int:
+    """``watch`` (default: when run from the command line, argv None) starts the watchdog
+    thread, which may end the process: never inside a host process such as a test runner."""
     # First of all: a stop request during imports, start-up or checkpoint load is honoured.
     from apollo_ds.training import signals, watchdog
     signals.install()
-    watchdog.start()   # exits when the launcher dies or a phase hangs (no orphans)
+    if watch is None:
+        watch = argv is None
+    if watch:
+        watchdog.start()   # exits when the launcher dies or a phase hangs (no orphans)
     args = parse_args(argv)
     try:
         overrides = list(args.overrides)
