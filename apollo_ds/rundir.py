@@ -141,11 +141,69 @@ def tag_files(tag_dir: str) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(tag_dir: str, tag: str) -> None:
-    files = {rel: {"size": os.path.getsize(os.path.join(tag_dir, rel)),
-                   "sha256": sha256(os.path.join(tag_dir, rel))} for rel in tag_files(tag_dir)}
+def write_manifest(tag_dir: str, tag: str, known: dict | None = None) -> None:
+    """The manifest of every file of the tag directory; ``known``: {relative path: (size,
+    sha256)} the writers computed as they wrote (used as given, not re-read); any other file
+    is read and hashed here."""
+    known = known or {}
+
+    def entry(rel: str) -> dict:
+        if rel in known:
+            size, digest = known[rel]
+        else:
+            size, digest = (os.path.getsize(os.path.join(tag_dir, rel)),
+                            sha256(os.path.join(tag_dir, rel)))
+        return {"size": int(size), "sha256": digest}
+    files = {rel: entry(rel) for rel in tag_files(tag_dir)}
     atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps({"tag": tag, "files": files},
                                                              indent=1))
+
+
+def file_entry(path: str, fsync: bool = False) -> tuple[int, str]:
+    """(size, sha256) of a file, read once; ``fsync``: flushed to disk through the same open
+    (on a local file system any process's fsync flushes the file; on a shared one the
+    writer's close already sent it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+        size = f.tell()
+        if fsync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+class _Hashing:
+    """A file object that hashes and counts what passes through it on the way to ``f``."""
+
+    def __init__(self, f):
+        self.f, self.h, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_hashed(obj, path: str, **save_kwargs) -> tuple[int, str]:
+    """Write ``obj`` (bytes, or anything torch.save takes, with ``save_kwargs``) to ``path``
+    through a temporary, fsynced before the rename; (size, sha256) computed on the way out,
+    so the manifest never reads the file again."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        w = _Hashing(f)
+        if isinstance(obj, bytes):
+            w.write(obj)
+        else:
+            import torch
+            torch.save(obj, w, **save_kwargs)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return w.size, w.h.hexdigest()
 
 
 def has_manifest(tag_dir: str) -> bool:

@@ -1,9 +1,11 @@
 """Checkpoints: DeepSpeed's engine checkpoint (model, optimizer partitions) plus the run's own
 state (step, consumed samples, pool size, stage) in ``run_state.json``, made durable:
 
-- every rank fsyncs the tag directory's files after DeepSpeed wrote them; after a barrier rank 0
-  writes ``run_state.json`` and ``manifest.json`` (every file's size and sha256), fsyncs the
-  directory, and only then replaces ``latest`` atomically (and fsyncs its directory);
+- every file is written, checksummed and fsynced in parallel: the layout-free files by their
+  writers as they write, DeepSpeed's files split over the ranks (read once after the save);
+  once every rank is done (the checksums all-gathered) rank 0 fsyncs the directories, writes
+  ``run_state.json`` and ``manifest.json`` (every file's size and sha256, from those
+  checksums) and only then replaces ``latest`` atomically (and fsyncs its directory);
 - on resume the newest checkpoint is verified against its manifest (sizes on every rank, the
   checksums split over the ranks, the verdict agreed); a truncated or corrupt one is passed over
   with a warning for the newest older one that verifies;
@@ -13,8 +15,10 @@ So a run killed at any point resumes from the last checkpoint that was completel
 nothing written before is lost. File names, tags, ``latest`` and the manifest: apollo_ds.rundir."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 
 import torch
 
@@ -51,52 +55,89 @@ class WriteError(OSError):
         self.filename = getattr(cause, "filename", None)
 
 
-def _phase(fn) -> None:
-    """Run one write phase; an OSError on any rank (full disk, permissions) ends the save on
-    all of them at the same point, so none waits in a collective the others never reach."""
-    err = None
+def _phase(fn):
+    """Run one write phase (returns what ``fn`` returns); an OSError on any rank (full disk,
+    permissions) ends the save on all of them at the same point, so none waits in a
+    collective the others never reach."""
+    err, out = None, None
     try:
-        fn()
+        out = fn()
     except OSError as e:
         err = e
     if _agree_any(err is not None):
         raise WriteError(err)
+    return out
+
+
+TIMES: dict[str, float] = {}   # this rank's seconds per phase of the last save (profiling)
+
+
+def _timed(name: str, t0: float) -> float:
+    now = time.perf_counter()
+    TIMES[name] = now - t0
+    return now
 
 
 def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
          write_extra=None) -> str:
-    """DeepSpeed's files, then ``write_extra(tag_dir)`` (collective: the layout-free state),
-    then fsync, run_state.json, manifest.json and ``latest``, in that order."""
+    """DeepSpeed's files, then ``write_extra(tag_dir)`` (collective: the layout-free state; it
+    returns {relative path: (size, sha256)} of the files this rank wrote and fsynced), then the
+    checksums of DeepSpeed's files split over the ranks (each fsyncs its share), then
+    run_state.json, manifest.json (from the ranks' checksums, nothing re-read) and ``latest``,
+    in that order."""
     tag = rundir.tag_for(run_state["step"])
     tag_dir = os.path.join(ckpt_dir, tag)
+    _, world = _world()
     if rank == 0 and rundir.has_manifest(tag_dir) and tag != rundir.read_latest(ckpt_dir):
         # a killed run completed this tag but never named it in `latest`: rewriting it, it is
         # incomplete again until the new manifest (a kill now must not leave the old one)
         os.remove(os.path.join(tag_dir, rundir.MANIFEST))
+    TIMES.clear()
+    t = time.perf_counter()
+
     def engine_files():
         engine.save_checkpoint(ckpt_dir, tag=tag,
                                client_state={"apollo_run_state": run_state}, save_latest=False)
         faults.disk_full(run_state["step"], tag_dir)   # test-only: a full disk mid-save
     _phase(engine_files)
+    t = _timed("engine_files", t)
+    # DeepSpeed's files (all written once the phase agreed), listed alike on every rank
+    engine_rel = [rel for rel in rundir.tag_files(tag_dir)
+                  if rel != rundir.RUN_STATE and not rel.startswith(rundir.PARAMS + os.sep)]
+    known = {}
     if write_extra is not None:
-        _phase(lambda: write_extra(tag_dir))
-    _barrier()      # every writer done before anyone lists the files to fsync
-    # Each rank flushes what it (and anyone) wrote: on a shared file system fsync must come
-    # from the writer, and every rank's own files are among these.
-    for rel in rundir.tag_files(tag_dir):
-        with open(os.path.join(tag_dir, rel), "rb") as f:
-            os.fsync(f.fileno())
-    for root, _dirs, _names in os.walk(tag_dir):   # and the directory entries
-        rundir.fsync_dir(root)
+        known.update(_phase(lambda: write_extra(tag_dir)) or {})
+    t = _timed("layout_free", t)
+
+    def hash_engine_files():
+        # this rank's share, hashed and fsynced through one read. Hashing inside DeepSpeed's
+        # torch.save (through a hashing file object) measured slower than this re-read.
+        for i, rel in enumerate(engine_rel):
+            if i % world == rank:
+                known[rel] = rundir.file_entry(os.path.join(tag_dir, rel), fsync=True)
+    _phase(hash_engine_files)
+    t = _timed("engine_checksums", t)
+    everyone = [known]
+    if torch.distributed.is_initialized() and world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, known)   # also: every rank is done
+    known = {rel: e for part in everyone for rel, e in part.items()}
     faults.sleep("save", tag)   # test-only: a kill -9 aimed between the files and the manifest
     _barrier()
     if rank == 0:
+        for root, _dirs, _names in os.walk(tag_dir):   # the directory entries
+            rundir.fsync_dir(root)
         rundir.write_run_state(tag_dir, run_state)
-        rundir.write_manifest(tag_dir, tag)
+        rundir.write_manifest(tag_dir, tag, known)
+        t = _timed("manifest", t)
         rundir.write_latest(ckpt_dir, tag)
         if keep > 0:
             rundir.prune(ckpt_dir, keep)
     _barrier()
+    _timed("end", t)
+    if os.environ.get("APOLLO_SAVE_PROFILE"):   # a file: each rank appends its split
+        with open(os.environ["APOLLO_SAVE_PROFILE"], "a") as f:
+            f.write(json.dumps({"rank": rank, **TIMES}) + "\n")
     return tag
 
 
