@@ -153,3 +153,31 @@ def test_refused_run_leaves_the_disk_as_it_was(tmp_path):
     lock.release(undo=True)
     assert (old / rundir.LOCK).read_text() == "pid 1 on elsewhere, started long ago\n"
     assert os.stat(old / rundir.LOCK).st_size == before
+
+
+def test_save_hashed_and_manifest_from_the_writers_checksums(tmp_path):
+    """save_hashed reports exactly what hashlib reads back from the file; write_manifest uses
+    the given (size, sha256) without reading those files, and hashes any file not given."""
+    import hashlib
+    d = tmp_path / "step_0000001"
+    (d / rundir.PARAMS).mkdir(parents=True)
+    t = {"param": torch.arange(12.0).view(3, 4)}
+    size, digest = rundir.save_hashed(t, str(d / rundir.PARAMS / "w.pt"))
+    raw = (d / rundir.PARAMS / "w.pt").read_bytes()
+    assert (size, digest) == (len(raw), hashlib.sha256(raw).hexdigest())
+    assert torch.equal(torch.load(d / rundir.PARAMS / "w.pt")["param"], t["param"])
+    abc = (3, hashlib.sha256(b"abc").hexdigest())
+    assert rundir.save_hashed(b"abc", str(d / "x.bin")) == abc
+    assert rundir.file_entry(str(d / "x.bin"), fsync=True) == abc
+    rundir.write_run_state(str(d), {"step": 1})
+    # a deliberately wrong given entry shows the manifest did not re-read that file
+    rundir.write_manifest(str(d), "step_0000001", {"x.bin": (3, "f" * 64),
+                                                   "params/w.pt": (size, digest)})
+    files = json.loads((d / rundir.MANIFEST).read_text())["files"]
+    assert files["x.bin"] == {"size": 3, "sha256": "f" * 64}
+    assert files["params/w.pt"] == {"size": size, "sha256": digest}
+    state = (d / rundir.RUN_STATE).read_bytes()
+    assert files[rundir.RUN_STATE] == {"size": len(state),
+                                       "sha256": hashlib.sha256(state).hexdigest()}
+    assert sorted(files) == ["params/w.pt", rundir.RUN_STATE, "x.bin"]
+    assert rundir.manifest_problem(str(d)) == "x.bin does not match its checksum"
