@@ -24,7 +24,11 @@ def _run(tmp_path, corpus, zero, parallel=None):
 @pytest.mark.parametrize("zero,parallel", [(3, {}), (0, {}), (1, {"tp": 2}),
                                            (1, {"pp": 2})])
 def test_expansion_and_save_gather_one_parameter_at_a_time(zero, parallel, corpus, tmp_path):
-    for r in _run(tmp_path, corpus, zero, parallel):
+    ranks = _run(tmp_path, corpus, zero, parallel)
+    # every parameter's state passed through exactly one writer's join: the save measurement
+    # sees them all (it cannot pass by measuring nothing)
+    assert sum(r["save"]["total"] for r in ranks) >= 12 * sum(ranks[0]["full_numel"]), ranks
+    for r in ranks:
         # ZeRO-3 builds the grown model partitioned (deepspeed.zero.Init): no parameter is
         # whole on any rank when the model comes out of its constructor and initialisation
         assert r["built_partitioned"] == [zero == 3], r["built_partitioned"]

@@ -69,7 +69,8 @@ def main():
     live = Live()
     for mod, names in ((state, ("safe_get_full_fp32_param", "safe_get_full_optimizer_state",
                                 "read_entry")),
-                       (portable, ("read_entry", "all_gather_tensor")),
+                       # a save's writer joins one parameter's fragments at a time
+                       (portable, ("read_entry", "all_gather_tensor", "_receive")),
                        (distributed, ("all_gather_tensor",)),
                        (shards.ShardSource, ("gather",))):
         for n in names:
