@@ -135,6 +135,36 @@ def pretrain_and_export(tmp: Path, corpus: Corpus) -> tuple[Path, Path]:
     return tmp / "run", tmp / "hf"
 
 
+def tokenizer_files(d: Path, lines: list[str]) -> dict:
+    """Real tokenizer files built here from ``lines``: a SentencePiece BPE without a pad piece
+    (Llama-2's convention), GPT-2 vocab.json + merges.txt (a byte-level BPE of `tokenizers`)
+    and a tiktoken encoding file (tiktoken's educational BPE). Returns their paths, the text
+    file and the tiktoken ranks."""
+    import base64
+
+    import sentencepiece as spm
+    import tiktoken._educational as edu
+    from tokenizers import ByteLevelBPETokenizer
+
+    from apollo_ds.data.tokenizer import TIKTOKEN_PATTERN
+    text = d / "text.txt"
+    text.write_text("\n".join(lines) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(d / "nopad"), vocab_size=400, model_type="bpe",
+        pad_id=-1, unk_id=0, bos_id=1, eos_id=2, byte_fallback=True, minloglevel=2)
+    gpt2 = ByteLevelBPETokenizer()
+    gpt2.train([str(text)], vocab_size=380, special_tokens=["<|endoftext|>"],
+               show_progress=False)
+    (d / "gpt2").mkdir()
+    gpt2.save_model(str(d / "gpt2"))
+    ranks = edu.bpe_train("\n".join(lines[:60]), 300, TIKTOKEN_PATTERN, visualise=None)
+    with open(d / "small.tiktoken", "wb") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(base64.b64encode(token) + b" %d\n" % rank)
+    return {"text": text, "nopad": d / "nopad.model", "gpt2": d / "gpt2",
+            "tiktoken": d / "small.tiktoken", "ranks": ranks}
+
+
 def read_metrics(out_dir) -> list[dict]:
     with open(Path(out_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

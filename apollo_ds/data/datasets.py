@@ -6,7 +6,6 @@ must stay fast (megatron.core alone takes ~8 s to import on the CPU machines).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import numbers
 import os

@@ -7,11 +7,10 @@ gradient norm the run reports is the one DeepSpeed's own step computes (computed
 reuses it), at fp32 ZeRO 0 the 2-norm of the module's gradients."""
 import json
 import math
-import os
 
 import pytest
 
-from tests.conftest import PY, REPO, free_port, run, write_config
+from tests.conftest import PY, free_port, run, write_config
 
 FAULT = "nan_grad@step=2@rank=1,nan_loss@step=4@rank={loss_rank}"
 PP1 = ["zero0_fp32", "zero1_bf16", "zero2_fp32", "zero3_bf16"]   # basic, BF16, ZeRO 1/2, ZeRO 3

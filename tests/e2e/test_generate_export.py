@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import Corpus, pretrain_and_export, real_text_lines, run
+from tests.conftest import Corpus, pretrain_and_export, real_text_lines, run, tokenizer_files
 
 APOLLO = [sys.executable, "-m", "apollo_ds.cli"]
 PROMPTS = ["The king said", "And then the", "It was a"]
@@ -104,31 +104,13 @@ def test_bad_generation_options_refused(trained, args, message, capsys):
 def test_export_with_each_tokenizer_kind(trained, tmp_path):
     """The exporter's whole path for every kind (the trained run exported with other
     tokenizers of <= 512 ids: the ids, not the text, are what this checks)."""
-    import base64
-
-    import sentencepiece as spm
-    import tiktoken._educational as edu
-    from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoTokenizer
 
     from apollo_ds.convert.to_hf import main as to_hf
-    from apollo_ds.data.tokenizer import TIKTOKEN_PATTERN, load_tokenizer
+    from apollo_ds.data.tokenizer import load_tokenizer
     lines = real_text_lines(400)
-    text = tmp_path / "t.txt"
-    text.write_text("\n".join(lines) + "\n")
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "nopad"),
-                                   vocab_size=400, pad_id=-1, unk_id=0, bos_id=1, eos_id=2,
-                                   byte_fallback=True, minloglevel=2)
-    gpt2 = ByteLevelBPETokenizer()
-    gpt2.train([str(text)], vocab_size=380, special_tokens=["<|endoftext|>"],
-               show_progress=False)
-    (tmp_path / "gpt2").mkdir()
-    gpt2.save_model(str(tmp_path / "gpt2"))
-    ranks = edu.bpe_train("\n".join(lines[:60]), 300, TIKTOKEN_PATTERN, visualise=None)
-    with open(tmp_path / "small.tiktoken", "wb") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(base64.b64encode(token) + b" %d\n" % rank)
-    for path in (tmp_path / "nopad.model", tmp_path / "gpt2", tmp_path / "small.tiktoken"):
+    files = tokenizer_files(tmp_path, lines)
+    for path in (files["nopad"], files["gpt2"], files["tiktoken"]):
         out = tmp_path / f"hf_{path.stem}"
         assert to_hf(["--checkpoint", str(trained["run"]), "--output", str(out),
                       "--tokenizer", str(path)]) == 0

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from apollo_ds.config import load_config, validate
 from tests.conftest import PY, pretrain, read_metrics, run
-from tests.e2e.helpers import PRETRAIN, TINY_MODEL, check_ok, tiny_config
+from tests.e2e.helpers import PRETRAIN, check_ok, tiny_config
 
 pytestmark = pytest.mark.slow
 

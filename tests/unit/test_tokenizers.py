@@ -6,7 +6,6 @@ Python GPT-2 tokenizer, tiktoken's educational BPE), and the Hugging Face conver
 export writes, reloaded with AutoTokenizer, gives the original's ids on real text."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -16,34 +15,19 @@ import pytest
 
 from apollo_ds.config import ConfigError
 from apollo_ds.data.tokenizer import NO_PAD, TIKTOKEN_PATTERN, fingerprint, load_tokenizer
-from tests.conftest import real_text_lines
+from tests.conftest import real_text_lines, tokenizer_files
 
 
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory):
     d = tmp_path_factory.mktemp("toks")
     lines = real_text_lines(400)
-    text = d / "text.txt"
-    text.write_text("\n".join(lines) + "\n")
-    import sentencepiece as spm
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(d / "nopad"), vocab_size=400, model_type="bpe",
-        pad_id=-1, unk_id=0, bos_id=1, eos_id=2, byte_fallback=True, minloglevel=2)
+    files = tokenizer_files(d, lines)
+    text = files["text"]
     from apollo_ds.data.prep.train_tokenizer import main as train
     assert train(["--input", str(text), "--vocab-size", "420", "--model-prefix",
                   str(d / "bbpe"), "--model-type", "byte-bpe"]) == 0
-    from tokenizers import ByteLevelBPETokenizer
-    gpt2 = ByteLevelBPETokenizer()
-    gpt2.train([str(text)], vocab_size=380, special_tokens=["<|endoftext|>"],
-               show_progress=False)
-    (d / "gpt2").mkdir()
-    gpt2.save_model(str(d / "gpt2"))
-    import tiktoken._educational as edu
-    ranks = edu.bpe_train("\n".join(lines[:60]), 300, TIKTOKEN_PATTERN, visualise=None)
-    with open(d / "small.tiktoken", "wb") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(base64.b64encode(token) + b" %d\n" % rank)
-    return SimpleNamespace(dir=d, lines=lines, text=text, ranks=ranks,
+    return SimpleNamespace(dir=d, lines=lines, text=text, ranks=files["ranks"],
                            nopad=str(d / "nopad.model"), bbpe=str(d / "bbpe.json"),
                            gpt2=str(d / "gpt2"), tiktoken=str(d / "small.tiktoken"))
 

@@ -12,11 +12,9 @@ parameter and step, maximised over the ranks."""
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-import torch
 from deepspeed.utils import safe_get_full_grad
 
 from apollo_ds import distributed
