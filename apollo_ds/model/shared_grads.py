@@ -4,8 +4,9 @@ A pool layer that runs at k positions of a micro-batch gets k gradient contribut
 parameter. Autograd adds them in the parameter's dtype, so in bf16 the sum takes k - 1
 successive bf16 roundings (Apollo's first stages: one unique layer, 12 positions). Here each use
 runs on its own alias of every parameter (``p.view_as(p)``, swapped in as
-``torch.func.functional_call`` does), whose gradient hook adds the use's contribution into an fp32 buffer and passes on zeros; the
-last use to arrive passes on the fp32 sum, rounded to bf16 once. Autograd then adds k - 1 exact
+``torch.func.functional_call`` does), whose gradient hook adds the use's contribution into an
+fp32 buffer and passes on zeros; the last use to arrive passes on the fp32 sum, rounded to bf16
+once. Autograd then adds k - 1 exact
 zeros and one value: the parameter's gradient hook (DeepSpeed's ZeRO reduction) still fires
 once per parameter per micro-batch, with the fp32-summed gradient.
 

@@ -7,8 +7,9 @@
   ``ORPHAN_GRACE_S``, with one line. No checkpoint is attempted: the peers may be gone, and the
   newest complete checkpoint is intact (saves are atomic).
 - Hangs. The Trainer reports progress at every step, save, expansion and evaluation
-  (``progress(phase)``). From the first step on, a phase that makes no progress for ``train.dist_timeout_minutes`` (a
-  collective waiting on a dead or hung peer; Megatron's ``--distributed-timeout-minutes``)
+  (``progress(phase)``). From the first step on, a phase that makes no progress for
+  ``train.dist_timeout_minutes`` (a collective waiting on a dead or hung peer; Megatron's
+  ``--distributed-timeout-minutes``)
   ends the process with one line naming the rank and the phase. A stop signal during such a
   hang (no progress for ``HANG_SIGNAL_S`` or 10x the longest phase so far) aborts at once.
 Imports nothing heavy; exits with ``EXIT_ORPHAN`` / ``EXIT_HANG``."""
