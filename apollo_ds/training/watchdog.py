@@ -10,8 +10,9 @@
   (``progress(phase)``). From the first step on, a phase that makes no progress for
   ``train.dist_timeout_minutes`` (a collective waiting on a dead or hung peer; Megatron's
   ``--distributed-timeout-minutes``)
-  ends the process with one line naming the rank and the phase. A stop signal during such a
-  hang (no progress for ``HANG_SIGNAL_S`` or 10x the longest phase so far) aborts at once.
+  ends the process with one line naming the rank and the phase. A stop signal during a step
+  that hangs (no progress for ``HANG_SIGNAL_S`` or 10x the longest phase so far) aborts at
+  once; a long save, evaluation or expansion is let finish.
 Imports nothing heavy; exits with ``EXIT_ORPHAN`` / ``EXIT_HANG``."""
 from __future__ import annotations
 
@@ -57,9 +58,11 @@ def configure(rank: int, timeout_minutes: float) -> None:
 
 def _hang() -> str | None:
     """The current phase, described, when it has stalled long enough that a stop signal should
-    not wait for it; None otherwise."""
+    not wait for it; None otherwise. Only training steps count: a save, an evaluation or an
+    expansion that runs long is let finish (a save cut short would lose every step since the
+    previous checkpoint); the watchdog's own timeout still bounds them."""
     with _lock:
-        if _state["phase"] is None:
+        if _state["phase"] is None or not _state["phase"].startswith("step"):
             return None
         waited = time.monotonic() - _state["since"]
         bound = max(HANG_SIGNAL_S, 10 * _state["longest"])
