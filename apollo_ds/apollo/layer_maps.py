@@ -1,5 +1,5 @@
 """Which pool layer runs at each position (weight sharing), and which old layer each new
-layer copies at a stage boundary (growth). See design/apollo.md.
+layer copies at a stage boundary (growth).
 
 interpolate: position i of a depth-d network runs pool layer floor(i*N/d): each unique layer
     fills one contiguous block, in order (N=3, d=8 -> [0,0,0,1,1,1,2,2]).

@@ -1,4 +1,4 @@
-"""Per-micro-batch depth samplers of Apollo (Pan et al., AAAI 2024; see design/apollo.md).
+"""Per-micro-batch depth samplers of Apollo (Pan et al., AAAI 2024).
 
 Two views of the same distribution:
 - ``sample_depth``: one draw, a pure function of (seed, step, micro, N), so every rank that

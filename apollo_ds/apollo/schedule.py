@@ -4,7 +4,7 @@ step belongs to, where expansions happen, and the per-micro-batch (depth, layer 
 Steps are 1-based. Stage k covers steps (end_{k-1}, end_k] with end_{-1} = 0 and the last
 stage ending at train.steps; the ends come from ``apollo_ds.config.stage_end_steps``.
 The plan is a pure function of the config and the step, so every rank derives the same
-depths without communication (design/apollo.md, "explicit depth agreement").
+depths without communication.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Rotary embeddings rotate the two halves of each head (HF Llama's ``rotate_half``
 so the export to ``LlamaForCausalLM`` needs no permutation of the query/key rows.
 
 Why not megatron-core's TransformerLayer spec: its attention and rotary code call
-``torch.cuda`` buffers that need a CPU shim (design/cpu_stack.md), and its parameters are laid
+``torch.cuda`` buffers that need a CPU shim (apollo_ds/cpu_compat.py), and its parameters are laid
 out for its own QKV interleave; one hand-written layer keeps the pool, the layer-map forward,
 the layout-free init, expansion and the export reading the same few parameters as GPT-2."""
 from __future__ import annotations

@@ -2,7 +2,7 @@
 Megatron-DeepSpeed does. This file holds the layer specs only; how a pipelined step runs
 (engines, clipping, evaluation, expansion) is apollo_ds.training.pipeline_runtime.
 
-Layer list (design/architecture.md, "The layer pool and the depth plan"):
+Layer list (README, "How Apollo runs here"):
   stage 0:    EmbedIn (TiedLayerSpec "embed": only the VocabParallelEmbedding), PosEmbed
               (GPT-2's learned positions; for llama only the embedding dropout: rotary
               positions live in the attention)

@@ -1,4 +1,4 @@
-"""The Runtime seam: how one optimizer step runs, in one place (design/architecture.md).
+"""The Runtime seam: how one optimizer step runs, in one place.
 
 A Runtime owns the model and the DeepSpeed engine of the current pool size and offers
   build(n_unique, state=None)   a model + engine for that pool (optionally from a full state)

@@ -1,7 +1,7 @@
 """Full optimizer state of a DeepSpeed engine by canonical parameter name, whatever ZeRO stage
 or precision partitioned it: read (``read_state``) and written back (``write_state``) as full
 fp32 CPU tensors, plus the lr=0 priming step that a freshly built engine needs before its Adam
-state can be written (design/architecture.md, "ZeRO-aware expansion").
+state can be written (README, "How Apollo runs here": expansion).
 
 - ZeRO 1-3 and bf16 (DeepSpeed's BF16_Optimizer at ZeRO 0 included): ``safe_get_full_*`` /
   ``safe_set_full_*`` through each parameter's hp mapping (collective);
