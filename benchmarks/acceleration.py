@@ -121,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "invocations side by side on 2 cores (they share the store safely)")
     p.add_argument("--fresh", action="store_true",
                    help="rerun runs the store already holds with the identical config")
+    p.add_argument("--no-baseline", action="store_true", help="do not add each method's "
+                   "same-LR scratch run (compare with the tuned scratch: the report's 2nd table)")
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs only")
@@ -159,7 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         except KeyError:
             p.error(f"--methods: unknown method '{name}'; choose from "
                     f"{', '.join({**am.METHODS, **a.extra})} or --define it")
-        for b in (am.baseline_for(m), name):
+        for b in ((name,) if a.no_baseline else (am.baseline_for(m), name)):
             if b not in a.method_list:
                 a.method_list.append(b)
     if (a.data_prefix is None) != (a.tokenizer is None):
