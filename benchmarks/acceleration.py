@@ -537,10 +537,10 @@ class Bench:
 # ----------------------------------------------------------------------------- main
 def report(a, store: dict) -> None:
     an = ar.analyse_store(store)
-    ar.print_report(store, an["rows"], an["sampler_contrasts"])
+    ar.print_report(store, an["rows"], an["sampler_contrasts"], an["tuned_rows"])
     base = os.path.splitext(a.results)[0]
     with open(base + "_table.md", "w") as f:
-        f.write(ar.sweep_markdown(store) + "\n\n" + ar.table_markdown(an["rows"], store) + "\n")
+        f.write(ar.full_markdown(store, an))
     png = ar.plot(store, [r for r in an["rows"] if r["mode"] == "steps"],
                   base + "_loss_vs_flops.png")
     log(f"store {a.results}; wrote {base}_table.md" + (f", {png}" if png else ""))

@@ -89,8 +89,10 @@ def verdict(method_finals: list[float], base_finals: list[float]) -> dict:
 
 
 # ----------------------------------------------------------------------------- analysis
-def comparisons(store: dict) -> list[dict]:
-    """One row per (method, lr, steps mode) with >= 1 seed whose baseline run exists."""
+def comparisons(store: dict, base_lr: float | None = None) -> list[dict]:
+    """One row per (method, lr, steps mode) with >= 1 seed whose baseline run exists: scratch
+    of the method's family at the same LR, or with ``base_lr`` cosine scratch at that LR
+    (the tuned scratch; other scratch LRs are then left out)."""
     runs = store["runs"]
     base_steps = store["benchmark"]["steps"]
     groups: dict[tuple, list[dict]] = {}
@@ -102,10 +104,14 @@ def comparisons(store: dict) -> list[dict]:
         return lr, not method.startswith("scratch"), method, mode != "steps"
 
     for (method, lr, mode), rs in sorted(groups.items(), key=order):
-        base_name = am.baseline_for(rs[0]["definition"])
+        base_name = am.baseline_for(rs[0]["definition"]) if base_lr is None else "scratch"
+        if base_lr is not None and method.startswith("scratch") and (method, lr) != (
+                "scratch", base_lr):
+            continue
         pairs = []
         for r in sorted(rs, key=lambda r: r["seed"]):
-            b = runs.get(run_key(base_name, lr, r["seed"], base_steps))
+            b = runs.get(run_key(base_name, lr if base_lr is None else base_lr, r["seed"],
+                                 base_steps))
             if b is None:
                 continue
             target = b["curve"][-1]["eval_loss"]
@@ -206,9 +212,38 @@ def sweep_markdown(store: dict) -> str:
     return "\n".join(out)
 
 
-def print_report(store: dict, rows: list[dict], contrasts: list[dict]) -> None:
+def tuned_lr(store: dict) -> float | None:
+    """Cosine scratch's swept best LR (the tuned baseline), if swept."""
+    sw = store.get("sweeps", {}).get("cosine")
+    return sw["best"] if sw else None
+
+
+def full_markdown(store: dict, an: dict) -> str:
+    """The sweeps, the same-LR table and, if scratch was swept, the tuned-scratch table."""
+    out = sweep_markdown(store) + "\n\n" + table_markdown(an["rows"], store) + "\n"
+    if an.get("tuned_rows"):
+        out += (f"\nAgainst tuned scratch (cosine, lr {tuned_lr(store):g}, same seed): every "
+                f"method at its own LR; \"scratch final\" is the tuned run's.\n\n"
+                + table_markdown(an["tuned_rows"], store) + "\n")
+    return out
+
+
+def print_report(store: dict, rows: list[dict], contrasts: list[dict],
+                 tuned: list[dict] | None = None) -> None:
     print()
     print(sweep_markdown(store) or "(no LR sweep recorded)")
+    for title, rs in (("same-LR scratch", rows), (f"tuned scratch (lr {tuned_lr(store)})",
+                                                   tuned or [])):
+        if rs:
+            print(f"against {title}:")
+            _print_rows(rs)
+    for c in contrasts:
+        print(f"sampler: {c['method']} vs {c['vs']} (seeds {c['seeds']}): mean diff "
+              f"{c['mean_diff']:+.3f}, seed spread {c['seed_spread']:.3f}, paired "
+              f"{fmt_spread(c['paired_diff'])} -> {c['verdict']}")
+
+
+def _print_rows(rows: list[dict]) -> None:
     hdr = (f"{'method':<24} {'lr':>7} {'mode':>5} {'seeds':>9} {'final eval':>26} "
            f"{'gap vs scratch':>26} {'verdict':>14} {'FLOPs@target':>24}")
     print(hdr)
@@ -220,10 +255,6 @@ def print_report(store: dict, rows: list[dict], contrasts: list[dict]) -> None:
         print(f"{r['method']:<24} {r['lr']:>7g} {r['mode']:>5} "
               f"{','.join(map(str, r['seeds'])):>9} {fmt_spread(r['final']):>26} {gap:>26} "
               f"{r.get('verdict', '-'):>14} {at:>24}")
-    for c in contrasts:
-        print(f"sampler: {c['method']} vs {c['vs']} (seeds {c['seeds']}): mean diff "
-              f"{c['mean_diff']:+.3f}, seed spread {c['seed_spread']:.3f}, paired "
-              f"{fmt_spread(c['paired_diff'])} -> {c['verdict']}")
 
 
 def plot(store: dict, rows: list[dict], path: str, seed: int | None = None) -> str | None:
@@ -272,7 +303,9 @@ def plot(store: dict, rows: list[dict], path: str, seed: int | None = None) -> s
 
 def analyse_store(store: dict) -> dict:
     rows = comparisons(store)
-    return {"rows": rows, "sampler_contrasts": sampler_contrasts(rows)}
+    best = tuned_lr(store)
+    return {"rows": rows, "sampler_contrasts": sampler_contrasts(rows),
+            "tuned_rows": comparisons(store, best) if best is not None else []}
 
 
 def main(argv=None) -> int:
@@ -287,8 +320,8 @@ def main(argv=None) -> int:
     with open(a.results) as f:
         store = json.load(f)
     an = analyse_store(store)
-    print_report(store, an["rows"], an["sampler_contrasts"])
-    md = sweep_markdown(store) + "\n\n" + table_markdown(an["rows"], store) + "\n"
+    print_report(store, an["rows"], an["sampler_contrasts"], an["tuned_rows"])
+    md = full_markdown(store, an)
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(md)
