@@ -177,9 +177,9 @@ class PoolGPT(nn.Module):
         x = F.dropout(x, self.cfg.dropout, self.training)
         # bf16: a layer run at several positions sums its uses' gradients in fp32
         sums = use_sums(self.pool, layer_map)
+        full = self.recompute == "full"
         for idx in layer_map:
-            layer = sums[idx].call if idx in sums else self.pool[idx]
-            x = run_layer(layer, x, self.recompute == "full")
+            x = sums[idx].run(x, full) if idx in sums else run_layer(self.pool[idx], x, full)
         x = self.final_norm(x)
         logits, _ = self.lm_head(x, weight=self.word_embeddings.weight if self.tied else None)
         pad = self.pad_mask if self.has_pad else None

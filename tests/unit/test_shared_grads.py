@@ -95,3 +95,35 @@ def test_only_repeated_bf16_layers(single_process_group):
     assert list(shared_grads.use_sums(bf.pool, [0] * 12)) == [0]
     with torch.no_grad():
         assert shared_grads.use_sums(bf.pool, [0] * 12) == {}        # evaluation
+
+
+def test_nested_variant_equals_aliases(single_process_group, monkeypatch):
+    """ZeRO-3's variant (an inner graph per use; the last use's real backward hands each
+    parameter the sum) on whole parameters: the same gradients, bit for bit, as the alias
+    variant, with every recompute mode, and the parameter hook still fires once."""
+    cfg, _, bf = _models()
+    tokens = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len),
+                           generator=torch.Generator().manual_seed(3))
+    g_alias = _pool_grads(bf, tokens)
+    monkeypatch.setattr(shared_grads, "_partitioned", lambda p: True)
+    assert isinstance(shared_grads.use_sums(bf.pool, [0] * 12)[0], shared_grads.NestedUseSum)
+    calls = {}
+    for name, p in bf.pool.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    g_nested = _pool_grads(bf, tokens)
+    assert set(calls.values()) == {1} and len(calls) == len(list(bf.pool.parameters()))
+    assert torch.equal(g_nested, g_alias)
+    for mode in ("selective", "full"):
+        for layer in bf.pool:
+            layer.recompute_core = mode == "selective"
+        assert torch.equal(_pool_grads(bf, tokens, mode), g_alias), mode
+    # the embedding (outside the pool) gets the same gradient through the nested uses
+    monkeypatch.undo()
+    for layer in bf.pool:
+        layer.recompute_core = False
+    _pool_grads(bf, tokens)
+    g_emb = bf.word_embeddings.weight.grad.clone()
+    monkeypatch.setattr(shared_grads, "_partitioned", lambda p: True)
+    _pool_grads(bf, tokens)
+    assert torch.equal(bf.word_embeddings.weight.grad, g_emb)
