@@ -7,8 +7,12 @@ the exporter and eval/generate all go through it.
     OUT_DIR/checkpoints/step_NNNNNNN/       one checkpoint ("tag")
         run_state.json                      the run's own state and settings
         manifest.json                       every other file's size and sha256 (written last)
-        params/index.json                   layout-free state: full shapes, TP dims, step
-        params/<canonical name>.pt          {"param", "exp_avg", "exp_avg_sq"} (fp32, full)
+        params/index.json                   the state's index: full shapes, TP dims, step,
+                                            where each rank's fragments lie (no tensor data)
+        params/rank_NNNNN.bin               what rank N owns: fp32 masters and Adam moments
+                                            (apollo_ds.param_store; the only model state)
+    (written before the fragment format: params/<canonical name>.pt with full tensors, plus
+    DeepSpeed's own files; still read)
 
 A tag is complete once its manifest exists; ``latest`` only ever names a complete tag."""
 from __future__ import annotations
@@ -189,14 +193,17 @@ class _Hashing:
 
 
 def save_hashed(obj, path: str, **save_kwargs) -> tuple[int, str]:
-    """Write ``obj`` (bytes, or anything torch.save takes, with ``save_kwargs``) to ``path``
-    through a temporary, fsynced before the rename; (size, sha256) computed on the way out,
-    so the manifest never reads the file again."""
+    """Write ``obj`` (bytes, a function that writes into the file object it is given, or
+    anything torch.save takes, with ``save_kwargs``) to ``path`` through a temporary, fsynced
+    before the rename; (size, sha256) computed on the way out, so the manifest never reads
+    the file again."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         w = _Hashing(f)
         if isinstance(obj, bytes):
             w.write(obj)
+        elif callable(obj):
+            obj(w)
         else:
             import torch
             torch.save(obj, w, **save_kwargs)
@@ -390,10 +397,16 @@ def has_params(tag_dir: str) -> bool:
     return os.path.isfile(os.path.join(tag_dir, PARAMS, INDEX))
 
 
-def param_reader(tag_dir: str) -> "ParamReader":
-    """The reader of a checkpoint's layout-free state, whatever format backs it: every reader
-    (resume under another layout, export, eval/generate) opens it here, so a new on-disk
-    format plugs in behind the same ``names`` / ``shape`` / ``read`` interface."""
+def param_reader(tag_dir: str):
+    """The reader of a checkpoint's state, whatever format backs it: every reader (resume,
+    export, eval/generate, init_from) opens it here, behind one ``names`` / ``shape`` /
+    ``read`` interface: per-rank fragments (param_store.FragmentReader, read by byte range)
+    or, for checkpoints written before them, one ``.pt`` file per parameter (ParamReader)."""
+    from apollo_ds import param_store
+    d = os.path.join(tag_dir, PARAMS)
+    index = param_store.load_index(d)
+    if param_store.is_fragment_index(index):
+        return param_store.FragmentReader(d, index)
     return ParamReader(tag_dir)
 
 

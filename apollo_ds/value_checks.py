@@ -283,7 +283,7 @@ def checkpoint_bytes(cfg: RunConfig, bf16: bool, layers: int | None = None) -> i
     if layers is not None and layers != cfg.model.layers:
         import dataclasses
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers=layers))
-    per_param = (2 if bf16 else 4) + 12 + 12
+    per_param = 12   # fp32 master + two Adam moments, whatever the training precision
     return int(1.1 * param_count(cfg) * per_param)
 
 

@@ -16,7 +16,8 @@ after ``--steps-before`` steps:
   ds_save       engine.save_checkpoint alone (DeepSpeed's files only), timed
   save          Trainer.save: the run's checkpoint, timed
 A second group of ``--resume-nproc`` ranks then resumes that checkpoint under another layout:
-  resume        Trainer construction from the layout-free state (the reshaped load)
+  resume        Trainer construction from the checkpoint under the new layout (each rank
+                reads the byte ranges it owns; their count is printed, APOLLO_LOAD_PROFILE)
   train_resumed one step after it (that layout's steady reference)
 
 RSS is sampled every 5 ms by a thread reading /proc/self/statm; a phase's peak is the most seen
@@ -211,9 +212,16 @@ def main() -> int:
     t0 = time.perf_counter()
     runs = {"train": launch(n, "train", config, os.path.join(args.work, "train.json"),
                             args.overrides)}
+    load_profile = os.path.join(args.work, "load_profile.jsonl")
+    if os.path.exists(load_profile):
+        os.remove(load_profile)
+    os.environ["APOLLO_LOAD_PROFILE"] = load_profile   # each resuming rank: bytes it read
     runs["resume"] = launch(args.resume_nproc, "resume", config,
                             os.path.join(args.work, "resume.json"),
                             args.overrides)
+    del os.environ["APOLLO_LOAD_PROFILE"]
+    with open(load_profile) as f:
+        reads = sorted((json.loads(line) for line in f), key=lambda r: r["rank"])
     lines = table(runs, {"train": "train_after", "resume": "train_resumed"})
     tr = runs["train"]
     params = tr[0]["params_per_tp_rank"]
@@ -224,13 +232,17 @@ def main() -> int:
               f"{12 * params / 2**20:.0f} MB = {n}x one rank's ZeRO shard "
               f"({12 * params / n / 2**20:.0f} MB)",
               f"save time / DeepSpeed save_checkpoint alone: {ratio:.2f} (goal <= 1.5)",
+              f"reshaped resume ({n} -> {args.resume_nproc} ranks) read per rank: " + ", ".join(
+                  f"{sum(r['read'].values()) / 2**20:.0f} MB (owns {12 * r['owned'] / 2**20:.0f}"
+                  f" MB)" for r in reads),
               f"peak RSS / steady training, worst rank: expand {worst['expand']:.2f}, "
               f"save {worst['save']:.2f} (goal <= 1.3)",
               f"wall {time.perf_counter() - t0:.0f} s"]
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"runs": runs, "table": lines, "config": cfg}, f, indent=1)
+            json.dump({"runs": runs, "table": lines, "config": cfg, "reads": reads}, f,
+                      indent=1)
     return 0
 
 

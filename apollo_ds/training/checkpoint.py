@@ -1,9 +1,9 @@
-"""Checkpoints: DeepSpeed's engine checkpoint (model, optimizer partitions) plus the run's own
-state (step, consumed samples, pool size, stage) in ``run_state.json``, made durable:
+"""Checkpoints: the model and optimizer state as per-rank fragment files (portable.py: each rank
+writes what it owns; DeepSpeed's own files are not written) plus the run's own state (step,
+consumed samples, pool size, stage) in ``run_state.json``, made durable:
 
-- every file is written, checksummed and fsynced in parallel: the layout-free files by their
-  writers as they write, DeepSpeed's files split over the ranks (read once after the save);
-  once every rank is done (the checksums all-gathered) rank 0 fsyncs the directories, writes
+- every rank writes, checksums and fsyncs its own file as it writes it; once every rank is
+  done (the checksums all-gathered) rank 0 fsyncs the directories, writes
   ``run_state.json`` and ``manifest.json`` (every file's size and sha256, from those
   checksums) and only then replaces ``latest`` atomically (and fsyncs its directory);
 - on resume the newest checkpoint is verified against its manifest (sizes on every rank, the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -80,43 +81,32 @@ def _timed(name: str, t0: float) -> float:
 
 def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
          write_extra=None) -> str:
-    """DeepSpeed's files, then ``write_extra(tag_dir)`` (collective: the layout-free state; it
-    returns {relative path: (size, sha256)} of the files this rank wrote and fsynced), then the
-    checksums of DeepSpeed's files split over the ranks (each fsyncs its share), then
-    run_state.json, manifest.json (from the ranks' checksums, nothing re-read) and ``latest``,
-    in that order."""
+    """``write_extra(tag_dir)`` (collective: the model and optimizer state, portable.write;
+    it returns {relative path: (size, sha256)} of the files this rank wrote and fsynced), then
+    run_state.json, manifest.json (from the ranks' checksums, nothing re-read) and
+    ``latest``, in that order. ``engine`` is unused: DeepSpeed's own files are not written
+    (the fragments are the one copy, read back by every resume)."""
     tag = rundir.tag_for(run_state["step"])
     tag_dir = os.path.join(ckpt_dir, tag)
     _, world = _world()
-    if rank == 0 and rundir.has_manifest(tag_dir) and tag != rundir.read_latest(ckpt_dir):
-        # a killed run completed this tag but never named it in `latest`: rewriting it, it is
-        # incomplete again until the new manifest (a kill now must not leave the old one)
-        os.remove(os.path.join(tag_dir, rundir.MANIFEST))
+    if rank == 0 and os.path.isdir(tag_dir) and tag != rundir.read_latest(ckpt_dir):
+        # a killed run left this tag (completed or not) but never named it in `latest`:
+        # rewriting it, it is incomplete again until the new manifest (the manifest goes
+        # first), and no file of another layout's ranks stays behind
+        if rundir.has_manifest(tag_dir):
+            os.remove(os.path.join(tag_dir, rundir.MANIFEST))
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    _barrier()
     TIMES.clear()
     t = time.perf_counter()
 
-    def engine_files():
-        engine.save_checkpoint(ckpt_dir, tag=tag,
-                               client_state={"apollo_run_state": run_state}, save_latest=False)
+    def state_files():
+        os.makedirs(tag_dir, exist_ok=True)
+        out = write_extra(tag_dir) if write_extra is not None else {}
         faults.disk_full(run_state["step"], tag_dir)   # test-only: a full disk mid-save
-    _phase(engine_files)
-    t = _timed("engine_files", t)
-    # DeepSpeed's files (all written once the phase agreed), listed alike on every rank
-    engine_rel = [rel for rel in rundir.tag_files(tag_dir)
-                  if rel != rundir.RUN_STATE and not rel.startswith(rundir.PARAMS + os.sep)]
-    known = {}
-    if write_extra is not None:
-        known.update(_phase(lambda: write_extra(tag_dir)) or {})
-    t = _timed("layout_free", t)
-
-    def hash_engine_files():
-        # this rank's share, hashed and fsynced through one read. Hashing inside DeepSpeed's
-        # torch.save (through a hashing file object) measured slower than this re-read.
-        for i, rel in enumerate(engine_rel):
-            if i % world == rank:
-                known[rel] = rundir.file_entry(os.path.join(tag_dir, rel), fsync=True)
-    _phase(hash_engine_files)
-    t = _timed("engine_checksums", t)
+        return out
+    known = dict(_phase(state_files) or {})
+    t = _timed("state_files", t)
     everyone = [known]
     if torch.distributed.is_initialized() and world > 1:
         everyone = [None] * world
@@ -181,6 +171,8 @@ def find_latest(ckpt_dir: str) -> tuple[str, dict] | None:
 
 
 def load(engine, ckpt_dir: str, tag: str) -> None:
+    """A checkpoint written before the fragment format, under the layout that wrote it:
+    through DeepSpeed's own files."""
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:

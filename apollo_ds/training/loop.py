@@ -90,7 +90,12 @@ class Trainer:
             for note in verdict.notes:
                 print0(dist.rank, note)
             n_unique, offsets = state["n_unique"], state.get("adam_step_offsets")
-            if verdict.same_layout:
+            if rundir.has_params(tag_dir) and portable.is_fragmented(tag_dir):
+                # one copy, any layout: each rank reads the byte ranges it owns
+                self.runtime.build(n_unique, step_offsets=offsets)
+                self.runtime.prime()
+                portable.load(self.runtime, tag_dir, cfg.model.vocab_size)
+            elif verdict.same_layout:   # written before the fragment format
                 self.runtime.build(n_unique, step_offsets=offsets)
                 checkpoint.load(self.engine, self.ckpt_dir, tag)
             else:

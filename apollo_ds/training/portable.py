@@ -1,35 +1,47 @@
-"""The layout-free half of a checkpoint: every parameter's fp32 master and Adam moments in a
-file of its own (``<tag>/params/<canonical name>.pt``: ZeRO partitions gathered, tensor-parallel
-shards concatenated, vocabulary padding dropped) plus ``params/index.json`` (full shapes,
-tensor-parallel partition dims, the optimizer step). It lets a run resume under any other
-(DP, TP, PP, ZeRO stage, precision) layout: each rank builds its new model and engine as an
-expansion does (``Runtime.build`` from a state), reading only the files of the parameters its
-pipeline stage holds, one tensor at a time, and slicing its own tensor-parallel part.
+"""The checkpoint's model and optimizer state, one copy in one format for every use: each rank
+writes the fp32 masters and Adam moments it owns to ``<tag>/params/rank_NNNNN.bin`` (raw fp32,
+hashed as written and fsynced by that rank; nothing is gathered to another rank) and rank 0
+writes ``params/index.json`` from the ranks' metadata alone (apollo_ds.param_store describes
+the format). DeepSpeed's own checkpoint files are not written.
 
-Writing is spread over the ranks: each parameter's writer receives the other ranks' fragments
-of it point-to-point (nothing is gathered to every rank) and holds that one parameter's full
-tensors (3 x its size, twice while joining TP shards) on top of the engine. Reading holds
-one file at a time (memory-mapped), so a reshaped load needs the new rank's own model and
-optimizer shard plus the largest single parameter's tensors (3 x, fp32).
+Loading (``load``) serves every resume, under the same layout or another one (DP, TP, PP, ZeRO
+stage, precision): the new model and engine are built and primed (state.priming), then for
+each parameter the rank reads, straight into its engine's fp32 partition and Adam state, only
+the elements it owns in the new layout (its ZeRO partition / optimizer fragment of its new TP
+slice; the whole TP slice at fp32 ZeRO 0, where a rank holds it whole) from the byte ranges of
+the old fragments that overlap them. Under the same layout that is exactly the bytes the rank
+wrote (at ZeRO 1-3). The low-precision module weights are then refreshed from the masters as
+DeepSpeed does after a step (ZeRO 1/2, bf16: ``update_lp_params``; ZeRO-3: the rank's own
+partition, then the persistent parameters re-gathered), and the Adam step counts are set.
+Extra memory: none for CPU fp32 partitions (read in place); one fragment's staging buffer when
+the state lives on a GPU. A row-parallel weight (partition dim 1) resliced to another TP size
+is read one row piece at a time (many small reads, never whole rows it does not own).
 
-DeepSpeed's universal checkpoint (``ds_to_universal``) was not used: it is an offline
-conversion of the native files, does not know a pool whose size changes during the run, and
-does not cover ZeRO-0 fp32 (no optimizer partitions to convert)."""
+Checkpoints written before this format (``params/<name>.pt`` and DeepSpeed's files) still
+resume: under the same layout through DeepSpeed's files, otherwise through ``PortableState``.
+
+DeepSpeed's universal checkpoint was not used: it is an offline conversion of the native files
+and does not know a pool whose size changes during the run. torch.distributed.checkpoint was
+not used either: its resharding works on DTensor / ShardedTensor state dicts, which neither
+DeepSpeed's ZeRO partitions nor megatron's TP shards are, and its planner gathers the whole
+plan to the coordinator; the fragment format here is a few hundred lines and reads only the
+owned byte ranges."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
-from apollo_ds import rundir
-from apollo_ds.distributed import comm_device
+from apollo_ds import param_store, rundir
+from apollo_ds.config import ConfigError
 from apollo_ds.flops import padded_vocab
 from apollo_ds.model.gpt import is_vocab_rows
-from apollo_ds.training.shards import KEYS, _local_shape, own_fragments
-from apollo_ds.training.state import optimizer_step_count
+from apollo_ds.training.shards import KEYS, _fragment, _local_shape
+from apollo_ds.training.state import (MOMENTS, optimizer_step_count, relink_optimizer_state,
+                                      set_step_counts)
 
 PARAMS, INDEX = rundir.PARAMS, rundir.INDEX
 
@@ -38,129 +50,10 @@ def _partition_dim(p) -> int | None:
     return p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
 
 
-def write(runtime, tag_dir: str, vocab_size: int) -> dict:
-    """Write the layout-free state of ``runtime``'s engine into ``tag_dir/params`` (collective:
-    every rank calls it) and return {relative path: (size, sha256)} of the files this rank
-    wrote, each fsynced. The parameters a pipeline stage owns (the first stage holding one) are
-    spread over that stage's DP x TP ranks, balanced by size: every rank of the stage sends its
-    own fp32 fragments (ZeRO partition, optimizer fragment, or 1/dp slice) of each parameter
-    point-to-point to that parameter's writer only, which joins the DP parts, then the TP
-    shards, drops the vocabulary padding and writes, hashing as it writes. Global rank 0
-    writes the index."""
-    d, engine = runtime.dist, runtime.engine
-    named = list(runtime.named_parameters())
-    frags = own_fragments(engine, named, d.dp, d.dp_rank)
-    mine = {name: _meta(name, p, d.tp, vocab_size) for name, p in named}
-    shapes = {name: _local_shape(p) for name, p in named}
-    ranges = {name: (f.start, _numel(f)) for name, f in frags.items()}
-    everyone = [(d.rank, d.pp_rank, d.tp_rank, mine, ranges)]
-    if torch.distributed.is_initialized() and d.world > 1:
-        everyone = [None] * d.world
-        torch.distributed.all_gather_object(everyone, (d.rank, d.pp_rank, d.tp_rank, mine,
-                                                       ranges))
-    every, owner = {}, {}
-    for _r, pp_rank, _t, metas, _f in sorted(everyone, key=lambda e: e[1]):
-        for name, meta in metas.items():
-            every.setdefault(name, meta)
-            owner.setdefault(name, pp_rank)
-    stage = sorted((e for e in everyone if e[1] == d.pp_rank), key=lambda e: e[0])
-    out = os.path.join(tag_dir, PARAMS)
-    os.makedirs(out, exist_ok=True)
-    written, sends = {}, []
-    owned = [name for name, _ in named if owner[name] == d.pp_rank]
-    writers = _writers(owned, every, [e[0] for e in stage])
-    # every send is posted first, so a writer never waits for a peer busy with its own files
-    for j, name in enumerate(owned):
-        f, dim = frags.get(name), mine[name]["partition_dim"]
-        if (writers[j] != d.rank and f is not None and ranges[name][1]
-                and (dim is not None or d.tp_rank == 0)):   # replicated: from TP rank 0
-            sends += _send(f, ranges[name][1], writers[j], tag=j)
-    for j, name in enumerate(owned):
-        if writers[j] != d.rank:
-            continue
-        dim = mine[name]["partition_dim"]
-        sources = [e for e in stage if dim is not None or e[2] == 0]
-        parts = _receive(name, j, frags.get(name), sources, d, shapes[name])
-        full = {}
-        for k in KEYS:
-            shards = [parts[t][k] for t in sorted(parts)]
-            t = torch.cat(shards, dim=dim) if dim is not None and len(shards) > 1 else shards[0]
-            if mine[name]["vocab_rows"]:
-                t = t[:vocab_size]
-            full[k] = t.contiguous()
-        del parts
-        written[f"{PARAMS}/{name}.pt"] = rundir.save_hashed(full,
-                                                            os.path.join(out, name + ".pt"))
-        del full
-    for work, _tensor in sends:
-        work.wait()
-    if d.rank == 0:
-        index = {"optimizer_step": optimizer_step_count(engine), "vocab_size": vocab_size,
-                 "params": dict(sorted(every.items()))}
-        written[f"{PARAMS}/{INDEX}"] = rundir.save_hashed(
-            json.dumps(index, indent=1).encode(), os.path.join(out, INDEX))
-    return written
-
-
-def _writers(owned: list[str], metas: dict, ranks: list[int]) -> list[int]:
-    """The writer of each owned parameter: the stage rank with the fewest elements assigned
-    so far (round robin would put every layer's large weights on the same ranks)."""
-    load, out = [0] * len(ranks), []
-    for name in owned:
-        k = min(range(len(ranks)), key=lambda i: (load[i], i))
-        load[k] += math.prod(metas[name]["shape"])
-        out.append(ranks[k])
-    return out
-
-
-def _numel(f) -> int:
-    return f.values["param"].numel()
-
-
-def _send(f, n: int, writer: int, tag: int) -> list:
-    """Post this rank's fragment of one parameter (master, then both moments; a moment not
-    created yet as zeros) to its writer; the sends complete while later parameters go on."""
-    dev = comm_device()
-    pending = []
-    for i, k in enumerate(KEYS):
-        v = f.values.get(k)
-        v = torch.zeros(n) if v is None else v.detach().reshape(-1)
-        v = v.to(dev, torch.float32).contiguous()
-        # the tensor stays referenced until its send is waited for
-        pending.append((torch.distributed.isend(v, writer, tag=3 * tag + i), v))
-    return pending
-
-
-def _receive(name: str, j: int, own, sources, d, shape) -> dict:
-    """tp_rank -> {key: that TP shard's full fp32 tensor}, from the fragments of ``sources``
-    (this rank's own copied, the others' received in rank order)."""
-    n = math.prod(shape)
-    parts = {}
-    dev = comm_device()
-    for rank, _pp, tp_rank, _m, ranges in sources:
-        start, count = ranges.get(name, (0, 0))
-        bufs = parts.setdefault(tp_rank, {k: torch.zeros(n) for k in KEYS})
-        if not count:
-            continue
-        for i, k in enumerate(KEYS):
-            dst = bufs[k][start:start + count]
-            if rank == d.rank:
-                v = own.values.get(k)
-                if v is not None:
-                    dst.copy_(v.detach().reshape(-1))
-            elif dev.type == "cpu":     # straight into place (a 1-D slice is contiguous)
-                torch.distributed.recv(dst, rank, tag=3 * j + i)
-            else:
-                got = torch.empty(count, dtype=torch.float32, device=dev)
-                torch.distributed.recv(got, rank, tag=3 * j + i)
-                dst.copy_(got)
-    return {t: {k: v.view(shape) for k, v in b.items()} for t, b in parts.items()}
-
-
 def _meta(name: str, p, tp: int, vocab_size: int) -> dict:
     """Full (layout-free) shape and tensor-parallel partition dim of a local parameter."""
     dim = _partition_dim(p)
-    shape = list(p.ds_shape if hasattr(p, "ds_shape") else p.shape)   # ZeRO-3: partitioned
+    shape = _local_shape(p)
     if dim is not None:
         shape[dim] *= tp
     rows = is_vocab_rows(name, p)
@@ -169,15 +62,154 @@ def _meta(name: str, p, tp: int, vocab_size: int) -> dict:
     return {"shape": shape, "partition_dim": dim, "vocab_rows": rows}
 
 
-def has_portable(tag_dir: str) -> bool:
-    return rundir.has_params(tag_dir)
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().reshape(-1).to("cpu", torch.float32).contiguous().numpy()
+                      ).cast("B")
+
+
+def write(runtime, tag_dir: str, vocab_size: int) -> dict:
+    """Write this rank's fragments into ``tag_dir/params/rank_NNNNN.bin`` (collective: every
+    rank calls it; rank 0 also writes the index) and return {relative path: (size, sha256)}
+    of the files this rank wrote, each fsynced."""
+    d, engine = runtime.dist, runtime.engine
+    relink_optimizer_state(engine)
+    out = os.path.join(tag_dir, PARAMS)
+    os.makedirs(out, exist_ok=True)
+    fname = param_store.rank_file(d.rank)
+    metas, rows = {}, []
+
+    def fill(w) -> None:
+        offset = 0
+        for name, p in runtime.named_parameters():
+            metas[name] = _meta(name, p, d.tp, vocab_size)
+            f = _fragment(engine, p, d.dp, d.dp_rank, copy=False)
+            n = f.values["param"].numel() if f is not None else 0
+            if not n:
+                continue
+            for k in KEYS:
+                v = f.values.get(k)
+                w.write(bytes(4 * n) if v is None else _bytes(v))   # a moment not made yet: 0
+            rows.append((name, [fname, d.pp_rank, d.tp, d.tp_rank, _local_shape(p), f.start,
+                                n, offset]))
+            offset += 4 * len(KEYS) * n
+    written = {f"{PARAMS}/{fname}": rundir.save_hashed(fill, os.path.join(out, fname))}
+    everyone = [(metas, rows)]
+    if torch.distributed.is_initialized() and d.world > 1:
+        everyone = [None] * d.world
+        torch.distributed.all_gather_object(everyone, (metas, rows))
+    if d.rank == 0:
+        params, frags = {}, {}
+        for m, r in everyone:
+            for name, meta in m.items():
+                params.setdefault(name, meta)
+            for name, row in r:
+                frags.setdefault(name, []).append(row)
+        index = {"format": param_store.FORMAT, "optimizer_step": optimizer_step_count(engine),
+                 "vocab_size": vocab_size, "params": dict(sorted(params.items())),
+                 "fragments": dict(sorted(frags.items()))}
+        written[f"{PARAMS}/{INDEX}"] = rundir.save_hashed(
+            json.dumps(index, separators=(",", ":")).encode(), os.path.join(out, INDEX))
+    return written
+
+
+def is_fragmented(tag_dir: str) -> bool:
+    """The checkpoint is in the per-rank fragment format (else an older one)."""
+    return isinstance(rundir.param_reader(tag_dir), param_store.FragmentReader)
+
+
+def _targets(engine, p, dp: int, dp_rank: int):
+    """(first element, {key: 1-D fp32 tensor the engine keeps}) this rank owns of ``p``'s TP
+    slice in its engine: ZeRO-3 partition, ZeRO-1/2 / bf16 fragment, or the whole parameter
+    and its Adam state at fp32 ZeRO 0; None where it owns nothing."""
+    if hasattr(p, "ds_id"):
+        z3 = p._z3_optimizer
+        views = {k: z3.get_local_fp32_param(p, None if k == "param" else k) for k in KEYS}
+        size = views["param"].numel()
+        start = torch.distributed.get_rank(group=p.ds_process_group) * size
+        n = max(0, min(size, p.ds_numel - start))
+        return start, {k: v.reshape(-1)[:n] for k, v in views.items()}
+    if hasattr(p, "_hp_mapping"):
+        m = p._hp_mapping
+        if m is None:
+            return None
+        views = {"param": m.hp_fragment}
+        views.update({k: m.optim_fragment[k] for k in MOMENTS})
+        return m.lp_fragment_address.start, {k: v.reshape(-1) for k, v in views.items()}
+    state = engine.optimizer.state[p]
+    return 0, {"param": p.data.reshape(-1), **{k: state[k].reshape(-1) for k in MOMENTS}}
+
+
+def _fill(reader, name: str, views: dict, **where) -> None:
+    """Read into the engine's tensors: in place when they are contiguous CPU fp32, else
+    through one staging buffer per key."""
+    direct = {k: v.detach().numpy() for k, v in views.items()
+              if v.device.type == "cpu" and v.dtype == torch.float32 and v.is_contiguous()}
+    staged = {k: np.empty(v.numel(), dtype="<f4") for k, v in views.items() if k not in direct}
+    reader.read_into(name, {**direct, **staged}, **where)
+    for k, buf in staged.items():
+        views[k].copy_(torch.from_numpy(buf))
+
+
+def load(runtime, tag_dir: str, vocab_size: int) -> None:
+    """Fill ``runtime``'s built and primed engine from the checkpoint's fragments (every rank
+    calls it; collective only for the final low-precision refresh). Every recorded shape is
+    checked against the model's first: a mismatch is one ConfigError naming the parameter,
+    the index and both shapes."""
+    d, engine = runtime.dist, runtime.engine
+    reader = rundir.param_reader(tag_dir)
+    relink_optimizer_state(engine)
+    whole, owned = [], 0
+    try:
+        for name, p in runtime.named_parameters():
+            meta = _meta(name, p, d.tp, vocab_size)
+            if name not in reader.params:
+                raise ConfigError(f"{reader.index_path} holds no parameter {name!r}: the "
+                                  f"checkpoint was written by another model")
+            rec = reader.params[name]
+            if (list(rec["shape"]) != meta["shape"]
+                    or rec.get("partition_dim") != meta["partition_dim"]):
+                raise ConfigError(
+                    f"parameter {name}: {reader.index_path} records shape {rec['shape']} "
+                    f"(tensor-parallel dim {rec.get('partition_dim')}) but the model's is "
+                    f"{meta['shape']} (dim {meta['partition_dim']}); the checkpoint was written "
+                    f"by another model")
+            local = _local_shape(p)
+            dim = meta["partition_dim"]
+            padded = (local[0] * (d.tp if dim == 0 else 1)) if meta["vocab_rows"] else None
+            got = _targets(engine, p, d.dp, d.dp_rank)
+            if got is None:
+                continue
+            start, views = got
+            owned += views["param"].numel()
+            if views["param"].numel():
+                with torch.no_grad():
+                    _fill(reader, name, views, tp=d.tp, tp_rank=d.tp_rank, padded_rows=padded,
+                          lo=start, pp_rank=d.pp_rank)
+            if hasattr(p, "ds_id"):   # the module's own (low-precision) partition
+                n = views["param"].numel()
+                with torch.no_grad():
+                    p.ds_tensor.data.reshape(-1)[:n].copy_(views["param"])
+                if p.data.numel() == p.ds_numel:   # resident whole: re-gathered below
+                    whole.append(p)
+    finally:
+        reader.close()
+    opt = engine.optimizer
+    if whole:
+        whole[0].partition(whole)
+        whole[0].all_gather(whole)
+    elif hasattr(opt, "update_lp_params") and not hasattr(opt, "fp32_partitioned_groups_flat"):
+        opt.update_lp_params()   # ZeRO 1/2, bf16: module weights from the masters (all-gather)
+    set_step_counts(engine, reader.optimizer_step)
+    if os.environ.get("APOLLO_LOAD_PROFILE"):   # a file: each rank appends what it read
+        with open(os.environ["APOLLO_LOAD_PROFILE"], "a") as f:
+            f.write(json.dumps({"rank": d.rank, "owned": owned,
+                                "read": dict(reader.bytes_read)}) + "\n")
 
 
 class PortableState(Mapping):
-    """name -> this rank's {"param", "exp_avg", "exp_avg_sq"} (its tensor-parallel slice of
-    the full fp32 tensors, vocabulary padded for its TP size), read from the files on access
-    (rundir.ParamReader: shapes checked) and not kept: pass it to ``Runtime.build`` as the
-    state to start from."""
+    """An older checkpoint's ``params/<name>.pt`` files as name -> this rank's {"param",
+    "exp_avg", "exp_avg_sq"} (its tensor-parallel slice of the full fp32 tensors, vocabulary
+    padded for its TP size), read on access and not kept: pass it to ``Runtime.build``."""
 
     def __init__(self, tag_dir: str, model_cfg, tp: int, tp_rank: int):
         self.reader = rundir.param_reader(tag_dir)

@@ -6,8 +6,9 @@ seed, the global batch, the tokenizer or the data is refused with one line namin
 its old and new values and how to proceed; a change of layout (DP, TP, PP, ZeRO stage,
 precision), of train.steps or of any other train setting (intervals, lr, micro-batch) is
 accepted and reported, and so are the changes ``train.allow_changes`` lists (data, tokenizer,
-global_batch, seed): deliberate, each logged. The layout decides how the checkpoint is read: DeepSpeed's own files
-when it is unchanged, the layout-free per-parameter files (portable.py) otherwise."""
+global_batch, seed): deliberate, each logged. Under any layout each rank reads the byte ranges
+it owns of the checkpoint's per-rank fragment files (portable.py); a checkpoint written before
+them is read through DeepSpeed's own files when the layout is unchanged."""
 from __future__ import annotations
 
 import hashlib

@@ -57,7 +57,9 @@ def _local_shape(p) -> list[int]:
     return list(p.ds_shape if hasattr(p, "ds_shape") else p.shape)   # ZeRO-3: partitioned
 
 
-def _fragment(engine, p, dp: int, dp_rank: int) -> Fragment | None:
+def _fragment(engine, p, dp: int, dp_rank: int, copy: bool = True) -> Fragment | None:
+    """This rank's Fragment of ``p``; ``copy=False``: at fp32 ZeRO 0 views of the engine's
+    tensors instead of copies (valid until the next step)."""
     if hasattr(p, "ds_id"):   # ZeRO-3: this rank's partition of the flat parameter
         z3 = p._z3_optimizer
         parts = {k: z3.get_local_fp32_param(p, None if k == "param" else k) for k in KEYS}
@@ -78,10 +80,13 @@ def _fragment(engine, p, dp: int, dp_rank: int) -> Fragment | None:
     n = p.numel()
     lo, hi = dp_rank * n // dp, (dp_rank + 1) * n // dp
     state = engine.optimizer.state.get(p, {})
-    values = {"param": p.detach().reshape(-1)[lo:hi].float().clone()}
+    def part(t):
+        t = t.detach().reshape(-1)[lo:hi]
+        return t.float().clone() if copy else t
+    values = {"param": part(p)}
     for k in MOMENTS:
         t = state.get(k)
-        values[k] = t.detach().reshape(-1)[lo:hi].float().clone() if t is not None else None
+        values[k] = part(t) if t is not None else None
     return Fragment(lo, values)
 
 

@@ -8,9 +8,8 @@ import math
 import shutil
 
 import pytest
-import torch
 
-from apollo_ds import rundir
+from apollo_ds import param_store, rundir
 from tests.conftest import pretrain, read_metrics, write_config
 
 APOLLO = {"enabled": True, "stages": [1, 2, 4], "stage_ends": [4, 8]}   # expands after 4, 8
@@ -102,24 +101,29 @@ def test_checkpoint_without_layout_free_state_is_refused_under_another_layout(co
                                                                               tmp_path):
     run(tmp_path, corpus, "dp1_z1", "straight", stop_after=SAVE_AT)
     tag_dir = tmp_path / "straight" / rundir.CHECKPOINTS / rundir.tag_for(SAVE_AT)
-    # strict loading first: a params/ tensor cut to half its rows (manifest re-recorded, so
-    # only the shape check can notice) is refused naming the parameter, the file and both
-    # shapes, never zero-padded
+    # strict loading first: a parameter cut to half its rows the same way in index.json's
+    # shape and its stored slices' shape (consistent, manifest re-recorded, so only the
+    # model's own shape can notice) is refused naming the parameter, the index and both
+    # shapes, never zero-padded (it used to end in a traceback in state.write_entry)
     from_checkpoint(tmp_path, "straight", "cut")
     cut_dir = tmp_path / "cut" / rundir.CHECKPOINTS / rundir.tag_for(SAVE_AT)
-    path = cut_dir / rundir.PARAMS / "pool.0.fc1.weight.pt"
-    entry = torch.load(path, weights_only=True)
-    rows, cols = entry["param"].shape
-    torch.save({k: v[: rows // 2].clone() for k, v in entry.items()}, path)
+    path = cut_dir / rundir.PARAMS / rundir.INDEX
+    index = json.loads(path.read_text())
+    name = "pool.0.fc1.weight"
+    rows, cols = index["params"][name]["shape"]
+    index["params"][name]["shape"] = [rows // 2, cols]
+    for row in index["fragments"][name]:
+        row[4] = [rows // 2, cols]
+    path.write_text(json.dumps(index))
     manifest = json.loads((cut_dir / rundir.MANIFEST).read_text())
-    manifest["files"]["params/pool.0.fc1.weight.pt"] = {"size": path.stat().st_size,
-                                                        "sha256": rundir.sha256(str(path))}
+    manifest["files"][f"{rundir.PARAMS}/{rundir.INDEX}"] = {"size": path.stat().st_size,
+                                                             "sha256": rundir.sha256(str(path))}
     (cut_dir / rundir.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(AssertionError) as e:
         run(tmp_path, corpus, "tp2_z1", "cut")
-    assert (f"error: parameter pool.0.fc1.weight: {path} holds param of shape [{rows // 2}, "
-            f"{cols}] but index.json records [{rows}, {cols}]; the checkpoint is corrupt: use "
-            f"an older tag\n") in str(e.value)
+    assert (f"error: parameter {name}: {path} records shape [{rows // 2}, {cols}] "
+            f"(tensor-parallel dim 0) but the model's is [{rows}, {cols}] (dim 0); the "
+            f"checkpoint was written by another model\n") in str(e.value)
     assert "exitcode  : 2" in str(e.value)
     shutil.rmtree(tag_dir / rundir.PARAMS)
     manifest = json.loads((tag_dir / rundir.MANIFEST).read_text())
@@ -130,3 +134,30 @@ def test_checkpoint_without_layout_free_state_is_refused_under_another_layout(co
         run(tmp_path, corpus, "tp2_z1", "straight")
     assert "has no layout-free state (params/)" in str(e.value)
     assert "exitcode  : 2" in str(e.value)      # pretrain.py's exit code for refused input
+
+
+def test_resume_reads_only_the_byte_ranges_each_rank_owns(corpus, tmp_path, monkeypatch):
+    """APOLLO_LOAD_PROFILE: each rank appends the bytes it read per file. Under the same layout
+    (DP2 ZeRO-3) a rank reads exactly its own file, whole; under another (DP2 ZeRO-1: flat
+    partitions of each parameter group instead of per-parameter ones) it reads 12 bytes per
+    element it owns and nothing else: the ranks together read every stored byte once, each
+    about half."""
+    run(tmp_path, corpus, "dp2_z3", "src", stop_after=SAVE_AT)
+    params = tmp_path / "src" / rundir.CHECKPOINTS / rundir.tag_for(SAVE_AT) / rundir.PARAMS
+    sizes = {p.name: p.stat().st_size for p in params.glob("rank_*.bin")}
+    assert sorted(sizes) == [param_store.rank_file(0), param_store.rank_file(1)]
+    total = sum(sizes.values())
+    for layout in ("dp2_z3", "dp2_z1"):
+        prof = tmp_path / f"{layout}.jsonl"
+        monkeypatch.setenv("APOLLO_LOAD_PROFILE", str(prof))
+        from_checkpoint(tmp_path, "src", layout)
+        run(tmp_path, corpus, layout, layout, stop_after=SAVE_AT + 1)
+        recs = {r["rank"]: r for r in map(json.loads, prof.read_text().splitlines())}
+        assert sorted(recs) == [0, 1]
+        if layout == "dp2_z3":
+            assert {r: x["read"] for r, x in recs.items()} == {
+                r: {param_store.rank_file(r): sizes[param_store.rank_file(r)]} for r in (0, 1)}
+            continue
+        for x in recs.values():
+            assert sum(x["read"].values()) == 12 * x["owned"] <= 0.55 * total, x
+        assert sum(12 * x["owned"] for x in recs.values()) == total

@@ -183,12 +183,12 @@ ROWS = [
     ("checkpoint with another seed", lambda c: (c.checkpoint(), _r(c, "train.seed=7")),
      ["train.seed was 1234, this run has 7", "restore the checkpoint's setting"]),
     ("missing rank shard", lambda c: (
-        c.checkpoint() / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
-     ["no valid checkpoint in", "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing",
+        c.checkpoint() / "params" / "rank_00001.bin").unlink(),
+     ["no valid checkpoint in", "params/rank_00001.bin is missing",
       "move", "away to start fresh"]),
     ("truncated shard", lambda c: _truncate(
-        c.checkpoint() / "mp_rank_00_model_states.pt", 64),
-     ["mp_rank_00_model_states.pt has 64 bytes, the manifest says", "restore the file"]),
+        c.checkpoint() / "params" / "rank_00000.bin", 64),
+     ["params/rank_00000.bin has 64 bytes, the manifest says", "restore the file"]),
     ("corrupt manifest", lambda c: (c.checkpoint() / "manifest.json").write_text("{not json"),
      ["no valid checkpoint in", "manifest.json unreadable", "start fresh"]),
     ("corrupt run state", lambda c: (c.checkpoint() / "run_state.json").write_text("{"),

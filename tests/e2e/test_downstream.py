@@ -143,24 +143,22 @@ def _one_error(capsys, prefix: str) -> str:
 
 
 def _cut_rows(tag_dir, name: str, index_too: bool) -> tuple[list, list]:
-    """Keep the first half of a parameter's rows (every moment), optionally in index.json too,
-    and re-record the manifest, so only the shape checks can notice. (full, cut) shapes."""
+    """Record the first half of a parameter's rows as its stored slices' shape in index.json,
+    optionally as its full shape too, and re-record the manifest, so only the shape checks
+    can notice. (full, cut) shapes."""
     from apollo_ds import rundir
-    path = tag_dir / rundir.PARAMS / f"{name}.pt"
-    entry = torch.load(path, weights_only=True)
-    full = list(entry["param"].shape)
+    path = tag_dir / rundir.PARAMS / rundir.INDEX
+    index = json.loads(path.read_text())
+    full = index["params"][name]["shape"]
     cut = [full[0] // 2] + full[1:]
-    torch.save({k: v[: cut[0]].clone() for k, v in entry.items()}, path)
-    changed = [path]
+    for row in index["fragments"][name]:
+        row[4] = cut                     # the local (TP=1) shape of the stored slices
     if index_too:
-        index = json.loads((tag_dir / rundir.PARAMS / rundir.INDEX).read_text())
         index["params"][name]["shape"] = cut
-        (tag_dir / rundir.PARAMS / rundir.INDEX).write_text(json.dumps(index))
-        changed.append(tag_dir / rundir.PARAMS / rundir.INDEX)
+    path.write_text(json.dumps(index))
     manifest = json.loads((tag_dir / rundir.MANIFEST).read_text())
-    for p in changed:
-        rel = str(p.relative_to(tag_dir))
-        manifest["files"][rel] = {"size": p.stat().st_size, "sha256": rundir.sha256(str(p))}
+    manifest["files"][str(path.relative_to(tag_dir))] = {"size": path.stat().st_size,
+                                                          "sha256": rundir.sha256(str(path))}
     (tag_dir / rundir.MANIFEST).write_text(json.dumps(manifest))
     return full, cut
 
@@ -177,10 +175,10 @@ def test_a_cut_tensor_is_refused_naming_parameter_file_and_shapes(trained, tmp_p
     ck = run / rundir.CHECKPOINTS
     tag_dir = ck / rundir.read_latest(str(ck))
     name = "pool.0.fc1.weight"
-    path = tag_dir / rundir.PARAMS / f"{name}.pt"
+    path = tag_dir / rundir.PARAMS / rundir.INDEX
     full, cut = _cut_rows(tag_dir, name, index_too=False)
-    want = (f"parameter {name}: {path} holds param of shape {cut} but index.json records "
-            f"{full}; the checkpoint is corrupt: use an older tag")
+    want = (f"parameter {name}: {path}: stored slices of shape {cut} x 1 do not fit the "
+            f"recorded shape {full}; the checkpoint is corrupt: use an older tag")
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--text", str(trained["text"])]) == 2
     assert _one_error(capsys, "apollo-ds ") == f"apollo-ds eval: error: {want}"
@@ -191,6 +189,8 @@ def test_a_cut_tensor_is_refused_naming_parameter_file_and_shapes(trained, tmp_p
     assert not (tmp_path / "hf").exists()
     # cut in index.json as well: the model's own shape refuses it (no zero-padding of fc1)
     _, cut = _cut_rows(tag_dir, name, index_too=True)
+    files = {row[0] for row in json.loads(path.read_text())["fragments"][name]}
+    path = tag_dir / rundir.PARAMS / (files.pop() if len(files) == 1 else "rank_*.bin")
     assert main(["eval", "--checkpoint", str(run), "--text", str(trained["text"])]) == 2
     assert _one_error(capsys, "apollo-ds ") == (
         f"apollo-ds eval: error: parameter {name}: {path} gives shape {cut} (recorded {cut}) "

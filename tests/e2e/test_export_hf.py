@@ -7,9 +7,9 @@ this process (TP=1), whose weights come from sources independent of the exporter
 
 - the final tag: the live run's gathered weights (train_and_dump.py: full_state_dict of the
   trained model, written by rank 0 after the last checkpoint);
-- the mid-Apollo tag (2 unique layers): the module weights DeepSpeed saved in the
-  mp_rank_XX_model_states.pt files, joined along each parameter's own ``partition_dim``;
-  PoolGPT runs it at full depth with layer_map(2, 4) = [0, 0, 1, 1].
+- the mid-Apollo tag (2 unique layers): the live run's gathered weights right after that
+  checkpoint (train_and_dump.py --mid); PoolGPT runs it at full depth with
+  layer_map(2, 4) = [0, 0, 1, 1].
 
 The slow case does the same for ZeRO-3 with data parallelism (TP=1, DP=2).
 """
@@ -44,10 +44,11 @@ def _train(tmp_path: Path, corpus, name: str, tp: int, zero: int) -> dict:
                        train={"steps": 4, "save_interval": 2, "eval_iters": 1,
                               "out_dir": str(out_dir),
                               "deepspeed_config": f"ds_configs/zero{zero}_fp32.json"})
-    dump = tmp_path / f"{name}_full.pt"
-    torchrun(2, WORKER, ["--config", str(cfg), "--out", str(dump)])
+    dump, mid = tmp_path / f"{name}_full.pt", tmp_path / f"{name}_mid.pt"
+    torchrun(2, WORKER, ["--config", str(cfg), "--out", str(dump), "--mid", f"2:{mid}"])
     ckpt = out_dir / rundir.CHECKPOINTS
     return {"out_dir": out_dir, "ckpt": ckpt, "dump": torch.load(dump),
+            "mid": torch.load(mid),
             "latest": (ckpt / rundir.LATEST).read_text().strip()}
 
 
@@ -72,24 +73,6 @@ def _pool_model(run_state: dict, full: dict):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected
     return model, cfg
-
-
-def _module_weights(tag_dir: Path, run_state: dict) -> dict:
-    """Full weights from the module copies in the ZeRO<=2 model-state files."""
-    from apollo_ds.config import ModelConfig
-    from apollo_ds.model.gpt import PoolGPT
-    cfg = ModelConfig(**run_state["model"])
-    shapes = PoolGPT(cfg, run_state["n_unique"])      # for partition_dim of each parameter
-    mods = [torch.load(tag_dir / f"mp_rank_{r:02d}_model_states.pt", weights_only=False,
-                       map_location="cpu")["module"] for r in range(run_state["tp"])]
-    full = {}
-    for name, p in shapes.named_parameters():
-        parts = [m[name].float() for m in mods]
-        tp_split = getattr(p, "tensor_model_parallel", False)
-        full[name] = torch.cat(parts, p.partition_dim) if tp_split else parts[0]
-        if getattr(p, "vocab_rows", False):
-            full[name] = full[name][:cfg.vocab_size]
-    return full
 
 
 def _token_batch(tok, seq_len: int) -> torch.Tensor:
@@ -174,7 +157,7 @@ def test_export_tp2_zero2_apollo(tp2_run, corpus, single_process_group, tmp_path
     hf_mid = tmp_path / "hf_mid"
     _export(mid, hf_mid, corpus.tokenizer)
     assert "full-depth" in _show(capsys) and "[0, 0, 1, 1]" in _show.last
-    _check_parity(hf_mid, mid_state, _module_weights(mid, mid_state))
+    _check_parity(hf_mid, mid_state, run["mid"])
     _show(capsys)
 
 
@@ -193,12 +176,12 @@ def test_export_refusals(tp2_run, corpus, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no `latest` file" in refused(empty, *tok)
-    # A copied tag whose rank-1 model-state file never got written.
+    # A copied tag whose rank-1 state file never got written.
     broken = tmp_path / "broken"
     shutil.copytree(run_tag := tp2_run["ckpt"] / tp2_run["latest"], broken)
-    (broken / "mp_rank_01_model_states.pt").unlink()
+    (broken / rundir.PARAMS / "rank_00001.bin").unlink()
     err = refused(broken, *tok)
-    assert "incomplete" in err and "mp_rank_01_model_states.pt" in err
+    assert "incomplete" in err and "params/rank_00001.bin" in err
     # No run_state.json: an interrupted save.
     (broken / rundir.RUN_STATE).unlink()
     (tmp_path / "ck").mkdir()

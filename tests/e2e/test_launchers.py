@@ -61,7 +61,7 @@ def _check_two_rank_run(run):
     assert (state["step"], state["dp"], state["tp"]) == (STEPS, 2, 1), state
     tag = Path(run["out"]) / rundir.CHECKPOINTS / rundir.tag_for(STEPS)
     for r in range(2):
-        assert (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").exists()
+        assert (tag / rundir.PARAMS / f"rank_{r:05d}.bin").exists()
     assert f"done: step {STEPS}/{STEPS}" in run["result"].stdout
     return losses
 

@@ -7,6 +7,7 @@
   after them identical to the one before, the run goes on, and more than train.max_skipped in
   a row stops it with exit code 3."""
 import hashlib
+import json
 import math
 import os
 import re
@@ -46,21 +47,17 @@ def _snapshot(root):
 
 
 def _tensors(tag_dir) -> dict:
-    """Every tensor in a checkpoint's DeepSpeed files (module weights, fp32 partitions, Adam
-    moments and step counts), by file and key path."""
-    out = {}
-
-    def walk(obj, key):
-        if torch.is_tensor(obj):
-            out[key] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{key}/{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{key}/{i}")
-    for f in sorted(tag_dir.glob("*.pt")):
-        walk(torch.load(f, map_location="cpu", weights_only=False), f.name)
+    """Every tensor of a checkpoint's state (each rank's fp32 masters and Adam moments, one
+    entry per fragment and key) and the optimizer step, read through the index's offsets."""
+    params = tag_dir / rundir.PARAMS
+    index = json.loads((params / rundir.INDEX).read_text())
+    out = {"optimizer_step": torch.tensor(index["optimizer_step"])}
+    for name, rows in index["fragments"].items():
+        for file, pp, _tp, tp_rank, _shape, start, count, offset in rows:
+            raw = (params / file).read_bytes()[offset: offset + 12 * count]
+            for j, key in enumerate(("param", "exp_avg", "exp_avg_sq")):
+                out[f"{file}/{name}/{start}/{key}"] = torch.frombuffer(
+                    bytearray(raw[4 * j * count: 4 * (j + 1) * count]), dtype=torch.float32)
     return out
 
 

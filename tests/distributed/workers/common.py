@@ -12,6 +12,8 @@ def start():
     p = argparse.ArgumentParser()
     p.add_argument("--config")
     p.add_argument("--out")
+    p.add_argument("--mid", help="STEP:PATH: also dump the full weights right after the "
+                                 "checkpoint of STEP (train_and_dump.py)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     cfg = validate(load_config(a.config, a.overrides))

@@ -1,5 +1,6 @@
 """Run under torchrun: train to a stage boundary, expand, train a step, save, and record how many
-bytes of gathered tensors each rank held at once during the expansion and during the save.
+bytes of gathered tensors each rank held at once during the expansion and during the save
+(none: a save writes each rank's own fragments), and how many bytes the save wrote per rank.
 
 Every helper that returns another rank's data (DeepSpeed's safe_get_full_*, state.read_entry,
 distributed.all_gather_tensor, shards.ShardSource.gather) is wrapped where the training code
@@ -69,8 +70,8 @@ def main():
     live = Live()
     for mod, names in ((state, ("safe_get_full_fp32_param", "safe_get_full_optimizer_state",
                                 "read_entry")),
-                       # a save's writer joins one parameter's fragments at a time
-                       (portable, ("read_entry", "all_gather_tensor", "_receive")),
+                       # a save writes this rank's own fragments: nothing may be gathered
+                       (portable, ("read_entry", "all_gather_tensor")),
                        (distributed, ("all_gather_tensor",)),
                        (shards.ShardSource, ("gather",))):
         for n in names:
@@ -101,11 +102,13 @@ def main():
     live.reset()
     tr.save()
     save = {"peak": live.peak, "total": live.total, "calls": live.calls}
+    tag_dir = os.path.join(tr.ckpt_dir, checkpoint.find_latest(tr.ckpt_dir)[0])
+    save["bytes"] = os.path.getsize(os.path.join(tag_dir, portable.PARAMS,
+                                                 f"rank_{dist.rank:05d}.bin"))
     rec = {"rank": dist.rank, "expand": expand, "save": save, "built_partitioned": built,
            "tp_numel": tp_numel, "largest_tp_numel": max(tp_numel),
            "full_numel": [math.prod(m["shape"]) for m in json.load(open(os.path.join(
-               tr.ckpt_dir, checkpoint.find_latest(tr.ckpt_dir)[0], portable.PARAMS,
-               portable.INDEX)))["params"].values()]}
+               tag_dir, portable.PARAMS, portable.INDEX)))["params"].values()]}
     out = [None] * dist.world
     torch.distributed.all_gather_object(out, rec)
     if dist.rank == 0:

@@ -1,5 +1,6 @@
 """Run under torchrun: a full pretraining run (resuming if a checkpoint exists), then write the
-gathered full weights to --out (rank 0); at pp > 1 (PoolGPT names, each pool layer from its
+gathered full weights to --out (rank 0), with --mid STEP:PATH also those right after the
+checkpoint of STEP; at pp > 1 (PoolGPT names, each pool layer from its
 first owner stage) also every stage's own weights to --out.stages.pt."""
 import os
 import sys
@@ -12,6 +13,17 @@ from common import finish, start  # noqa: E402
 
 def main():
     a, cfg, dist, tr = start()
+    if a.mid:   # the weights a mid-run checkpoint holds, from the live model
+        step, path = a.mid.split(":", 1)
+        save = tr.save
+
+        def save_and_dump():
+            save()
+            if tr.step == int(step):
+                sd = tr.runtime.full_weights()
+                if dist.rank == 0:
+                    torch.save(sd, path)
+        tr.save = save_and_dump
     tr.run()
     if dist.pp > 1:
         sd, per_stage = tr.runtime.full_weights_per_stage()
