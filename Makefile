@@ -91,14 +91,20 @@ demo: demo-data
 	$(VPY) -m apollo_ds.cli generate --checkpoint runs/demo_hf --prompt "The king said" \
 		--max-new-tokens 32 --repetition-penalty 1.3
 
+# TEST_WORKERS pytest-xdist processes (0: one, in process). Two overlap one test's waiting
+# (hangs, kills, timeouts, process start-up) with another's work on two cores; a file whose
+# tests share a reference run stays on one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST = $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP)
-	$(VPY) -m pytest -q tests -m "not slow" --durations=15
+	$(PYTEST) tests -m "not slow" --durations=15
 
 test-slow: $(STAMP)
-	$(VPY) -m pytest -q tests -m slow
+	$(PYTEST) tests -m slow --durations=15
 
 test-all: $(STAMP)
-	$(VPY) -m pytest -q tests
+	$(PYTEST) tests --durations=15
 
 bench: data
 	$(VPY) benchmarks/throughput.py --data-prefix $(DATA)/corpus --tokenizer $(DATA)/spm8k.model

@@ -32,7 +32,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "mpi": ["mpich>=4"],       # a pip-installed MPI runtime for mpi4py / mpirun
-        "test": ["pytest", "pytest-timeout", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "matplotlib"],
         # optional: metrics.jsonl is always written; TensorBoard event files when installed
         # (left out of the offline wheelhouse: with grpcio and pillow it is 20 MiB)
         "tensorboard": ["tensorboard"],

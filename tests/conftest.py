@@ -57,6 +57,24 @@ def run(cmd: list[str], cwd=REPO, env=None, timeout=900) -> subprocess.Completed
                           timeout=timeout)
 
 
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """For `make test`'s parallel workers (pytest-xdist, --dist loadgroup): a file whose tests
+    share a module- or class-scoped fixture (a reference run) runs on one worker, so that run
+    happens once; the tests of any other file spread over the workers one by one. Session
+    fixtures (the corpus) are built once per worker."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    shared = set()
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope in ("module", "class", "package") for ds in defs.values() for d in ds):
+            shared.add(item.path)
+    for item in items:
+        if item.path in shared:
+            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(REPO))))
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """Every test leaves os.environ as it found it: code under test (Slurm rank discovery)
