@@ -3,8 +3,12 @@ losses on fixed batches at several depths before/after, the gathered fp32 master
 moments of every parameter before/after (and which old layer's moments each new layer holds),
 every optimizer group's Adam step count after the expansion, the next step's loss on every
 rank, and how far the next step's update of the fresh-Adam layers is from a fresh AdamW's.
+Each case (a config) builds its own Trainer in this process, one after another, so a matrix
+of cases costs one launch.
 
-usage: expansion_check.py --config CFG --out RESULT.json [overrides]"""
+usage: expansion_check.py --cases CASES.json --out RESULT.json
+  CASES.json: [{"name": ..., "config": CFG.yaml}, ...]; RESULT.json: name -> record"""
+import argparse
 import json
 import os
 import sys
@@ -12,9 +16,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import finish, start  # noqa: E402
+from common import finish  # noqa: E402
 
+from apollo_ds import distributed  # noqa: E402
 from apollo_ds.apollo import layer_map  # noqa: E402
+from apollo_ds.config import load_config, validate  # noqa: E402
 from apollo_ds.apollo.expand import pool_index, source_name  # noqa: E402
 from apollo_ds.apollo.layer_maps import expansion_sources  # noqa: E402
 from apollo_ds.training.loop import Trainer  # noqa: E402
@@ -36,8 +42,8 @@ def fixed_losses(tr: Trainer, depths):
     return out
 
 
-def main():
-    a, cfg, dist, tr = start()
+def check(cfg, dist) -> dict:
+    tr = Trainer(cfg, dist)
     boundary = tr.schedule.end_step(0)
     for s in range(1, boundary + 1):
         tr.train_step(s)
@@ -95,16 +101,32 @@ def main():
     local = torch.tensor([rec["loss"]], dtype=torch.float64)
     gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.world)]
     torch.distributed.all_gather(gathered, local)
+    tr.close()
+    return {"n_old": n_old, "n_new": n_new, "sources": sources,
+            "losses_before": before, "losses_after": after,
+            "max_diff": worst, "step_before": step_before, "step_after": step_after,
+            "moment_source": moment_source, "moment_ratio": moment_ratio,
+            "group_steps_after": steps_after, "fresh_update_err": fresh_err,
+            "zero_start_err": zero_start_err,
+            "n_params_after": len(state_after), "nonzero_moments": nonzero_moments,
+            "next_loss_per_rank": [g.item() for g in gathered]}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases")
+    p.add_argument("--out")
+    a = p.parse_args()
+    with open(a.cases) as f:
+        cases = json.load(f)
+    cfgs = [validate(load_config(c["config"], [])) for c in cases]
+    dist = distributed.init(cfgs[0].parallel.tp, cfgs[0].parallel.pp)
+    result = {}
+    for case, cfg in zip(cases, cfgs):
+        result[case["name"]] = check(validate(cfg, world_size=dist.world), dist)
     if dist.rank == 0:
         with open(a.out, "w") as f:
-            json.dump({"n_old": n_old, "n_new": n_new, "sources": sources,
-                       "losses_before": before, "losses_after": after,
-                       "max_diff": worst, "step_before": step_before, "step_after": step_after,
-                       "moment_source": moment_source, "moment_ratio": moment_ratio,
-                       "group_steps_after": steps_after, "fresh_update_err": fresh_err,
-                       "zero_start_err": zero_start_err,
-                       "n_params_after": len(state_after), "nonzero_moments": nonzero_moments,
-                       "next_loss_per_rank": [g.item() for g in gathered]}, f)
+            json.dump(result, f)
     return finish()
 
 
