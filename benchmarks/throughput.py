@@ -116,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train.compile=true: every arm's blocks torch.compile'd")
     p.add_argument("--no-ddp", dest="ddp", action="store_false",
                    help="leave out the plain torch DDP loop arm (tp=1, ZeRO 0/1, fp32 only)")
+    p.add_argument("--ddp-fused", action="store_true",
+                   help="the DDP arm's AdamW fused on CPU too, as the stack's is (default: "
+                        "nanoGPT's choice, fused on CUDA only)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-layout", default=None, help=argparse.SUPPRESS)
@@ -248,7 +251,7 @@ def run_pool_plain(a, cfg, d) -> dict:
     ddp = None
     if getattr(a, "ddp", False) and d.tp == 1 and ds_cfg.get("zero_optimization", {}).get(
             "stage", 0) <= 1 and not ds_cfg.get("bf16", {}).get("enabled"):
-        ddp = make_ddp_arm(cfg, pool, d)
+        ddp = make_ddp_arm(cfg, pool, d, fused=getattr(a, "ddp_fused", False))
     # Pre-load every micro-batch once so data loading is outside the timed region.
     batches = {}
     for step in range(1, total_steps + 1):
@@ -258,9 +261,9 @@ def run_pool_plain(a, cfg, d) -> dict:
             b = get_micro_batch(train_ds, base + j * t.micro_batch, t.micro_batch)
             batches[step, k] = {kk: v.to(d.device) for kk, v in b.items()}
 
-    def one_step(which: str, step: int) -> tuple[float, float]:
+    def one_step(which: str, step: int) -> tuple[float, float, float]:
         torch.distributed.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
         if which == "ddp":
             for g in ddp["opt"].param_groups:
@@ -286,12 +289,16 @@ def run_pool_plain(a, cfg, d) -> dict:
         # One host sync per step, inside the timed region (as the Trainer does): on CUDA it
         # waits for the step's kernels, and it spares a sync per micro-batch.
         loss_val = loss_sum.item()
-        # the slowest rank defines the step (the helper puts it where the backend wants it)
-        dt = distributed.all_reduce([time.perf_counter() - t0], op="max").item()
-        return dt, loss_val / grad_accum
+        # the slowest rank defines the step (the helper puts it where the backend wants it);
+        # CPU seconds of the process too: on a shared machine they grow far less with load
+        # than wall time (with --threads 1 they are the step's compute)
+        dt, cpu = distributed.all_reduce([time.perf_counter() - t0, time.process_time() - c0],
+                                         op="max").tolist()
+        return dt, cpu, loss_val / grad_accum
 
     arms = ["pool", "plain"] + (["ddp"] if ddp else [])
     times = {k: [] for k in arms}
+    cpu_times = {k: [] for k in arms}
     turns = {k: [] for k in arms}      # turn index of every timed step (for pairing)
     losses = {k: [] for k in arms}
     next_step = dict.fromkeys(arms, 1)
@@ -304,11 +311,12 @@ def run_pool_plain(a, cfg, d) -> dict:
                 s = next_step[which]
                 if s > total_steps:
                     break
-                dt, loss = one_step(which, s)
+                dt, cpu, loss = one_step(which, s)
                 next_step[which] = s + 1
                 losses[which].append(loss)
                 if s > a.warmup_steps:
                     times[which].append(dt)
+                    cpu_times[which].append(cpu)
                     turns[which].append(turn)
                     order.append(which)
         turn += 1
@@ -316,14 +324,16 @@ def run_pool_plain(a, cfg, d) -> dict:
     max_loss_diff = max(abs(x - y) for k in arms[1:] for x, y in zip(losses["pool"], losses[k]))
     tokens = t.global_batch * cfg.model.seq_len
     return {"n_params": n_params, "tokens_per_step": tokens,
-            "step_times": times, "step_turns": turns, "losses": losses,
+            "step_times": times, "step_cpu_times": cpu_times, "step_turns": turns,
+            "losses": losses,
             "max_loss_diff": max_loss_diff,
             "order": "".join({"pool": "A", "plain": "B", "ddp": "C"}[o] for o in order)}
 
 
-def make_ddp_arm(cfg, pool, d) -> dict:
+def make_ddp_arm(cfg, pool, d, fused: bool = False) -> dict:
     """The plain model (pool's weights) under torch DDP over the data-parallel group, torch
-    AdamW (fused on CUDA) with apollo_ds's decay groups, blocks compiled with train.compile."""
+    AdamW (fused on CUDA, as nanoGPT; ``fused``: on CPU too) with apollo_ds's decay groups,
+    blocks compiled with train.compile."""
     import torch
     from megatron.core import parallel_state
 
@@ -340,7 +350,7 @@ def make_ddp_arm(cfg, pool, d) -> dict:
         model, device_ids=[d.device.index] if d.on_cuda else None,
         process_group=parallel_state.get_data_parallel_group())
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
-                            betas=(t.beta1, t.beta2), eps=1e-8, fused=d.on_cuda)
+                            betas=(t.beta1, t.beta2), eps=1e-8, fused=d.on_cuda or fused)
     return {"model": ddp, "opt": opt, "params": list(model.parameters())}
 
 
@@ -477,7 +487,7 @@ def main(argv=None) -> int:
             r["trainer"]["summary"] = summarise_trainer(r["trainer"])
         if "step_times" not in r:
             continue
-        r["summary"] = summarise(r["step_times"], r["tokens_per_step"])
+        r["summary"] = summarise(r["step_times"], r["tokens_per_step"], r.get("step_cpu_times"))
         r["summary"]["ratio_pool_over_plain_paired"] = paired_ratio(r["step_times"],
                                                                     r["step_turns"])
     m = results[0]["model"]

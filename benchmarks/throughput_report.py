@@ -7,7 +7,10 @@ from __future__ import annotations
 import statistics
 
 
-def summarise(step_times: dict, tokens: int) -> dict:
+def summarise(step_times: dict, tokens: int, cpu_times: dict | None = None) -> dict:
+    """Per arm: step-time medians, quartiles, fastest and tokens/s; the pool/plain (and
+    pool/ddp) ratios from medians, means and fastest steps, and from the median CPU seconds of
+    a step when ``cpu_times`` (the process's CPU time per step) are given."""
     out = {}
     for which, ts in step_times.items():
         med = statistics.median(ts)
@@ -25,6 +28,13 @@ def summarise(step_times: dict, tokens: int) -> dict:
     if "ddp" in out:   # the whole stack against a plain torch DDP loop of the same model
         out["ratio_pool_over_ddp"] = out["pool"]["tokens_per_s"] / out["ddp"]["tokens_per_s"]
         out["ratio_pool_over_ddp_min"] = out["ddp"]["min_step_s"] / out["pool"]["min_step_s"]
+    for which, ts in (cpu_times or {}).items():
+        if ts and which in out:
+            out[which]["median_cpu_s"] = statistics.median(ts)
+    for other in ("plain", "ddp"):
+        if "median_cpu_s" in out.get(other, {}) and "median_cpu_s" in out["pool"]:
+            out[f"ratio_pool_over_{other}_cpu"] = (out[other]["median_cpu_s"]
+                                                   / out["pool"]["median_cpu_s"])
     return out
 
 
@@ -69,7 +79,7 @@ def print_trainer_table(results: list[dict]) -> None:
                   f"{tr['micro_batches_per_step'][arm]:>3} {arm:<4} {x['steps']:>5} "
                   f"{x['median_step_s']:>13.4f} "
                   f"{x['p25_step_s']:>7.4f}-{x['p75_step_s']:<7.4f} {x['min_step_s']:>7.4f} "
-                  f"{x['tokens_per_s']:>10,.0f}")
+                  f"{x['tokens_per_s']:>10,.0f} {x.get('median_cpu_s', float('nan')):>10.4f}")
     print()
     print("pipeline bubble at the benchmark's m (micro-batches per step per pipeline); "
           "analytic = (S-1)/(m+S-1) for DeepSpeed's 1F1B TrainSchedule; measured = b/(m+b) "
@@ -118,7 +128,7 @@ def print_table(results: list[dict]) -> None:
     if not results:
         return
     print(f"{'layout':<9} {'procs':>5} {'model':<6} {'steps':>5} {'median s/step':>13} "
-          f"{'IQR s':>15} {'min s':>7} {'tokens/s':>10}")
+          f"{'IQR s':>15} {'min s':>7} {'tokens/s':>10} {'CPU s/step':>10}")
     for r in results:
         s = r["summary"]
         for which in [k for k in ("pool", "plain", "ddp") if k in s]:
@@ -126,16 +136,19 @@ def print_table(results: list[dict]) -> None:
             print(f"{r['layout']:<9} {r['world']:>5} {which:<6} {x['steps']:>5} "
                   f"{x['median_step_s']:>13.4f} "
                   f"{x['p25_step_s']:>7.4f}-{x['p75_step_s']:<7.4f} {x['min_step_s']:>7.4f} "
-                  f"{x['tokens_per_s']:>10,.0f}")
+                  f"{x['tokens_per_s']:>10,.0f} {x.get('median_cpu_s', float('nan')):>10.4f}")
         ok = "OK" if s["ratio_pool_over_plain"] >= 0.97 else "BELOW GOAL"
         print(f"{r['layout']:<9} {'':>5} pool/plain tokens/s = {s['ratio_pool_over_plain']:.3f} "
               f"(medians; paired {s['ratio_pool_over_plain_paired'] or float('nan'):.3f}, "
               f"min-based {s['ratio_pool_over_plain_min']:.3f}, "
-              f"mean-based {s['ratio_pool_over_plain_mean']:.3f}; goal >= 0.97: {ok}); "
+              f"mean-based {s['ratio_pool_over_plain_mean']:.3f}, "
+              f"CPU-time {s.get('ratio_pool_over_plain_cpu', float('nan')):.3f}; "
+              f"goal >= 0.97: {ok}); "
               f"max |loss_pool - loss_other| = {r['max_loss_diff']:.2e}")
         if "ratio_pool_over_ddp" in s:
             print(f"{r['layout']:<9} {'':>5} pool/ddp tokens/s = {s['ratio_pool_over_ddp']:.3f} "
-                  f"(medians; min-based {s['ratio_pool_over_ddp_min']:.3f}): the whole stack "
+                  f"(medians; min-based {s['ratio_pool_over_ddp_min']:.3f}, CPU-time "
+                  f"{s.get('ratio_pool_over_ddp_cpu', float('nan')):.3f}): the whole stack "
                   f"(DeepSpeed engine, pool) vs a plain torch DDP loop of the same model")
     if len(results) > 1:
         base = results[0]
@@ -159,10 +172,14 @@ def merge(parts: list[dict]) -> dict:
     r["launches"] = len(parts)
     if "step_times" not in r:
         return r
-    r["step_times"] = {w: [t for p in parts for t in p["step_times"][w]] for w in ("pool", "plain")}
+    arms = list(r["step_times"])   # pool, plain and, when measured, ddp
+    r["step_times"] = {w: [t for p in parts for t in p["step_times"][w]] for w in arms}
+    if all("step_cpu_times" in p for p in parts):
+        r["step_cpu_times"] = {w: [t for p in parts for t in p["step_cpu_times"][w]]
+                               for w in arms}
     # keep turns distinct across launches so pairs never span two launches
     r["step_turns"] = {w: [t + 100000 * i for i, p in enumerate(parts)
-                           for t in p["step_turns"][w]] for w in ("pool", "plain")}
+                           for t in p["step_turns"][w]] for w in arms}
     r["max_loss_diff"] = max(p["max_loss_diff"] for p in parts)
     r["launches"] = len(parts)
     r.pop("losses", None)

@@ -125,6 +125,13 @@ def pool_lr_scale(cfg: RunConfig, n_unique: int) -> float:
     return n_unique / expected_depth(a.sampler, m.layers, n_unique)
 
 
+def adamw(groups, t) -> torch.optim.AdamW:
+    """torch's fused AdamW (one kernel over all tensors, no temporaries) on CUDA and CPU
+    alike: on CPU the per-tensor AdamW allocates several parameter-sized temporaries per
+    step (measured on a 4.3 M flat ZeRO group: 27 ms a step against 3 ms fused)."""
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
+
+
 def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist,
                  groups: list[dict] | None = None):
     """A DeepSpeed engine around ``model`` (PoolGPT or a PipelineModule; ``mpu=None`` for the
@@ -147,9 +154,7 @@ def build_engine(model: torch.nn.Module, ds: dict, cfg: RunConfig, mpu, dist,
         compile_blocks(model, (Block, LlamaBlock), tp=cfg.parallel.tp)
     optimizer = None
     if "optimizer" not in ds:
-        # The fused (multi-tensor, single-kernel) AdamW on CUDA; the same math on CPU.
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                                      fused=dist.on_cuda)
+        optimizer = adamw(groups, t)
     if zero_stage(ds) == 3:
         # The tied LM head reads the embedding weight outside the embedding's own forward.
         deepspeed.zero.register_external_parameter(model, model.word_embeddings.weight)
