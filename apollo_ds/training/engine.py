@@ -62,6 +62,12 @@ def load_ds_config(cfg: RunConfig, dp: int) -> dict:
     ds["train_batch_size"] = t.global_batch
     ds["gradient_clipping"] = t.grad_clip
     ds.setdefault("steps_per_print", 10**9)
+    if stage == 1:
+        # ZeRO-1 keeps every gradient whole until the boundary's reduction: copying each one
+        # into a contiguous bucket as it is produced (DeepSpeed's default) only adds a copy
+        # and a per-parameter hook path (bit-identical results; 27 ms of a 1.07 s CPU step
+        # on the 4.3 M-parameter throughput benchmark)
+        ds["zero_optimization"].setdefault("contiguous_gradients", False)
     # DeepSpeed's throughput timer is on unless configured off, and synchronizes the device
     # twice per micro-batch; the loop times steps itself (one host sync per step).
     ds.setdefault("timers", {}).setdefault("throughput", {"enabled": False, "synchronized": False})
