@@ -40,3 +40,18 @@ def test_compile_refused_with_zero3():
     cfg = load_config(None, ["train.compile=true",
                              "train.deepspeed_config=ds_configs/zero2_bf16.json"])
     assert load_ds_config(cfg, 1)["zero_optimization"]["stage"] == 2
+
+
+def test_zero1_contiguous_gradients_off_unless_set(tmp_path):
+    """ZeRO-1 skips DeepSpeed's per-gradient copy into a contiguous bucket (every gradient stays
+    whole until the reduction there); an explicit choice is kept, other stages untouched."""
+    def ds_for(zero: dict) -> dict:
+        p = tmp_path / "ds.json"
+        p.write_text(json.dumps({"zero_optimization": zero}))
+        return load_ds_config(load_config(None, [f"train.deepspeed_config={p}"]), 1)
+    assert ds_for({"stage": 1})["zero_optimization"]["contiguous_gradients"] is False
+    assert ds_for({"stage": 1, "contiguous_gradients": True})[
+        "zero_optimization"]["contiguous_gradients"] is True
+    assert "contiguous_gradients" not in ds_for({"stage": 2})["zero_optimization"]
+    cfg = load_config(None, ["train.deepspeed_config=ds_configs/zero1_fp32.json"])
+    assert load_ds_config(cfg, 1)["zero_optimization"]["contiguous_gradients"] is False
