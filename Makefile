@@ -92,10 +92,10 @@ demo: demo-data
 		--max-new-tokens 32 --repetition-penalty 1.3
 
 # TEST_WORKERS pytest-xdist processes (0: one, in process). Two overlap one test's waiting
-# (hangs, kills, timeouts, process start-up) with another's work on two cores; a file whose
-# tests share a reference run stays on one worker (tests/conftest.py).
+# (hangs, kills, timeouts, process start-up) with another's work on two cores. Each file runs
+# whole on one worker, the longest first (tests/conftest.py).
 TEST_WORKERS ?= 2
-PYTEST = $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+PYTEST = $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST) tests -m "not slow" --durations=15

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -57,22 +58,19 @@ def run(cmd: list[str], cwd=REPO, env=None, timeout=900) -> subprocess.Completed
                           timeout=timeout)
 
 
-@pytest.hookimpl(tryfirst=True)   # before pytest-xdist reads the groups
+# `make test` runs on pytest-xdist workers with --dist loadfile: each file runs whole on one
+# worker (its module-scoped reference runs happen once), files handed out in this order as
+# workers free up. The longest files go first, so that the workers end together.
+LONGEST_FIRST = ("tests/distributed/test_training.py", "tests/e2e/test_orphans.py",
+                 "tests/e2e/test_slurm.py", "tests/distributed/test_recompute_matrix.py",
+                 "tests/e2e/test_downstream.py", "tests/e2e/test_kill9.py",
+                 "tests/distributed/test_compile.py", "tests/distributed/test_pipeline.py",
+                 "tests/distributed/test_reshape.py", "tests/e2e/test_launchers.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """For `make test`'s parallel workers (pytest-xdist, --dist loadgroup): a file whose tests
-    share a module- or class-scoped fixture (a reference run) runs on one worker, so that run
-    happens once; the tests of any other file spread over the workers one by one. Session
-    fixtures (the corpus) are built once per worker."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    shared = set()
-    for item in items:
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        if any(d.scope in ("module", "class", "package") for ds in defs.values() for d in ds):
-            shared.add(item.path)
-    for item in items:
-        if item.path in shared:
-            item.add_marker(pytest.mark.xdist_group(str(item.path.relative_to(REPO))))
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(REPO).as_posix(), len(rank)))
 
 
 @pytest.fixture(autouse=True)
@@ -104,10 +102,30 @@ def corpus(tmp_path_factory) -> Corpus:
     return Corpus(prefix=str(d / "text"), tokenizer=str(d / "spm.model"), vocab=vocab)
 
 
+_PORTS_GIVEN: set[int] = set()
+_PORT_RNG = random.Random()   # its own: tests that seed the global one must not repeat ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now that no other test of this run will be handed: below Linux's ephemeral
+    range (32768+, where bind(0) and every outgoing connection, gloo's included, get theirs, so
+    none can take it before the launcher binds it), from this pytest-xdist worker's own slice
+    of 10000-19999 (two workers never pick the same one), never twice in one process."""
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    i = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    span = 10000 // max(n, 1)
+    for _ in range(500):
+        port = 10000 + i * span + _PORT_RNG.randrange(span)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port in this worker's slice of 10000-19999")
 
 
 def write_config(path: Path, corpus: Corpus, **sections) -> Path:
