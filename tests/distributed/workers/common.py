@@ -3,9 +3,12 @@ initialise the process groups and build the Trainer exactly as pretrain.py does;
 leaves together and tears the process groups down, as pretrain.py does."""
 import argparse
 
-from apollo_ds import distributed
-from apollo_ds.config import load_config, validate
-from apollo_ds.training.loop import Trainer
+from apollo_ds.lazy_compile import import_heavy
+
+import_heavy()   # as pretrain.py does: no TorchInductor at start-up
+from apollo_ds import distributed  # noqa: E402
+from apollo_ds.config import load_config, validate  # noqa: E402
+from apollo_ds.training.loop import Trainer  # noqa: E402
 
 
 def start():
