@@ -24,6 +24,21 @@ def config(tmp_path, corpus, name, zero, dtype="fp32", mode="copy", **train):
                                **train})
 
 
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    """get(zero, mode): the per-step losses of the uninterrupted fp32 run of that layout, run
+    once for the module (the resume and fallback tests both compare with ZeRO-1 copy's)."""
+    runs = {}
+
+    def get(zero, mode="copy"):
+        if (zero, mode) not in runs:
+            d = tmp_path_factory.mktemp(f"straight_z{zero}_{mode}")
+            pretrain(2, config(d, corpus, "straight", zero, mode=mode))
+            runs[zero, mode] = losses(d / "straight")
+        return runs[zero, mode]
+    return get
+
+
 @pytest.mark.parametrize("zero", [0, 3])
 def test_zero_stage_trains_with_apollo(zero, corpus, tmp_path):
     cfg = config(tmp_path, corpus, "run", zero)
@@ -41,10 +56,8 @@ def test_zero_stage_trains_with_apollo(zero, corpus, tmp_path):
 # param groups); resuming at 12 must rebuild those groups and their step counts
 @pytest.mark.parametrize("zero,stops,mode", [(1, [9, 10], "copy"), (2, [10], "copy"),
                                              (1, [12], "reset")])
-def test_resume_is_exact_across_expansion(zero, stops, mode, corpus, tmp_path):
-    straight = config(tmp_path, corpus, "straight", zero, mode=mode)
-    pretrain(2, straight)
-    reference = losses(tmp_path / "straight")
+def test_resume_is_exact_across_expansion(zero, stops, mode, corpus, tmp_path, straight):
+    reference = straight(zero, mode)
     assert len(reference) == 20
     for k in stops:
         name = f"stop{k}"
@@ -97,12 +110,11 @@ def test_bf16_trains_expands_and_resumes_exactly(zero, corpus, tmp_path):
     assert losses(tmp_path / "resumed") == reference
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(corpus, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_and_resumes_exactly(corpus, tmp_path, straight):
     """keep_checkpoints=2 leaves steps 10 and 15 of a run stopped at 15; truncating a file of
     step 15 makes the rerun warn, resume from step 10 (across the expansion after step 9) and
     still end with the straight run's losses, every step once in metrics.jsonl."""
-    pretrain(2, config(tmp_path, corpus, "straight", 1))
-    reference = losses(tmp_path / "straight")
+    reference = straight(1)
     pretrain(2, config(tmp_path, corpus, "run", 1, save_interval=5, keep_checkpoints=2,
                        stop_after=15))
     ckpts = tmp_path / "run" / rundir.CHECKPOINTS
