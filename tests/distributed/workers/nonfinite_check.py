@@ -17,11 +17,14 @@ import sys
 
 import torch
 
-from apollo_ds import distributed
-from apollo_ds.config import load_config, validate
-from apollo_ds.distributed import all_reduce
-from apollo_ds.training.loop import Trainer
-from apollo_ds.training.state import optimizer_step_count
+from apollo_ds.lazy_compile import import_heavy
+
+import_heavy()   # as pretrain.py does: no TorchInductor at start-up
+from apollo_ds import distributed  # noqa: E402
+from apollo_ds.config import load_config, validate  # noqa: E402
+from apollo_ds.distributed import all_reduce  # noqa: E402
+from apollo_ds.training.loop import Trainer  # noqa: E402
+from apollo_ds.training.state import optimizer_step_count  # noqa: E402
 
 
 def max_change(a: dict, b: dict) -> float:

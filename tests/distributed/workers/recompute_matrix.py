@@ -15,12 +15,15 @@ import math
 import sys
 import time
 
-from deepspeed.utils import safe_get_full_grad
+from apollo_ds.lazy_compile import import_heavy
 
-from apollo_ds import distributed
-from apollo_ds.config import load_config, validate
-from apollo_ds.distributed import all_reduce
-from apollo_ds.training.loop import Trainer
+import_heavy()   # as pretrain.py does: no TorchInductor at start-up
+from deepspeed.utils import safe_get_full_grad  # noqa: E402
+
+from apollo_ds import distributed  # noqa: E402
+from apollo_ds.config import load_config, validate  # noqa: E402
+from apollo_ds.distributed import all_reduce  # noqa: E402
+from apollo_ds.training.loop import Trainer  # noqa: E402
 
 
 def capture(runtime, sink: list) -> None:
