@@ -5,12 +5,12 @@ place. Unset (always, outside the test suite) it does nothing. Items are separat
                             loss check can catch it; DeepSpeed would apply the step)
   nan_grad@step=3-5         steps 3..5: the loss stays finite, every gradient is NaN
   inf_grad@step=3@rank=1    only on global rank 1 (the others must still agree to skip/stop)
-  sleep_save@s=1.5          every checkpoint save sleeps 1.5 s after the engine files are
-                            written and before the manifest and ``latest`` (kill -9 trials)
+  sleep_save@s=1.5          every checkpoint save sleeps 1.5 s after the ranks' state files
+                            are written and before the manifest and ``latest`` (kill -9 trials)
   sleep_expand@s=1.5        every Apollo expansion sleeps 1.5 s between the old engine's
                             teardown and the new one's build
   enospc_save@step=4@rank=1 the save of step 4 fails on rank 1 with ENOSPC (a full disk)
-                            after DeepSpeed's files, while the layout-free state is written
+                            right after its state file is written
 
 A sleeping process prints ``fault: sleep_<where> ...`` first, so a test can aim a kill."""
 from __future__ import annotations
