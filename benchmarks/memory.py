@@ -117,8 +117,12 @@ def worker(args) -> int:
             with phase("train_after"):
                 tr.train_step(s)
             tr.step = s
+        ds_only = os.path.join(cfg.train.out_dir, "ds_only")
         with phase("ds_save"):
-            tr.engine.save_checkpoint(os.path.join(cfg.train.out_dir, "ds_only"), tag="alone")
+            tr.engine.save_checkpoint(ds_only, tag="alone")
+        if dist.rank == 0:   # only its time matters (its zero_to_fp32.py would linger)
+            import shutil
+            shutil.rmtree(ds_only, ignore_errors=True)
         with phase("save"):
             tr.save()
     rec["params_per_tp_rank"] = params
