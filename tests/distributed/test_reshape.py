@@ -161,3 +161,22 @@ def test_resume_reads_only_the_byte_ranges_each_rank_owns(corpus, tmp_path, monk
         for x in recs.values():
             assert sum(x["read"].values()) == 12 * x["owned"] <= 0.55 * total, x
         assert sum(12 * x["owned"] for x in recs.values()) == total
+
+
+def test_tensor_parallel_reslice_reads_each_ranks_slice_only(corpus, tmp_path, monkeypatch):
+    """TP1 -> TP2: each rank reads 12 bytes per element of its own TP slice (row-parallel
+    weights as one row piece per row) plus the replicated tensors it holds whole, never the
+    other rank's slice."""
+    run(tmp_path, corpus, "dp1_z1", "src", stop_after=SAVE_AT)
+    params = tmp_path / "src" / rundir.CHECKPOINTS / rundir.tag_for(SAVE_AT) / rundir.PARAMS
+    total = (params / param_store.rank_file(0)).stat().st_size
+    prof = tmp_path / "tp2.jsonl"
+    monkeypatch.setenv("APOLLO_LOAD_PROFILE", str(prof))
+    from_checkpoint(tmp_path, "src", "tp2")
+    run(tmp_path, corpus, "tp2_z1", "tp2", stop_after=SAVE_AT + 1)
+    recs = [json.loads(line) for line in prof.read_text().splitlines()]
+    assert sorted(x["rank"] for x in recs) == [0, 1]
+    for x in recs:
+        assert sum(x["read"].values()) == 12 * x["owned"] <= 0.75 * total, (x, total)
+    # together: everything once, the replicated tensors twice
+    assert total < sum(12 * x["owned"] for x in recs) < 1.5 * total
