@@ -225,7 +225,8 @@ def run_config(a, data, name: str, method: dict, lr: float, seed: int, steps: in
              "out_dir": out_dir, "save_interval": 0,
              "eval_interval": max(1, round(a.eval_interval * steps / a.steps)),
              "eval_iters": a.eval_iters, "log_interval": max(1, steps // 10),
-             "deepspeed_config": a.deepspeed_config}
+             # a day: the watchdog counts a pause (SIGSTOP on a shared machine) as a hang
+             "deepspeed_config": a.deepspeed_config, "dist_timeout_minutes": 1440}
     train.update(method.get("train", {}))
     model = {"layers": a.layers, "hidden": a.hidden, "heads": a.heads, "seq_len": a.seq_len,
              "vocab_size": vocab, **method.get("model", {})}
@@ -240,7 +241,8 @@ def comparable(cfg: dict) -> dict:
     """A run's config without where it and its data live (identity for reuse; the data's
     content is the store's benchmark.data fingerprint)."""
     c = copy.deepcopy(cfg)
-    c["train"].pop("out_dir", None)
+    for k in ("out_dir", "dist_timeout_minutes"):   # neither changes what is trained
+        c["train"].pop(k, None)
     for k in ("prefix", "tokenizer", "cache_dir"):
         c["data"].pop(k, None)
     return c
