@@ -111,7 +111,9 @@ def param_groups(named_parameters, weight_decay: float, step_offsets=None,
         layer = int(parts[1]) if parts[0] == "pool" else None
         offset = int(step_offsets[layer]) if (layer is not None and step_offsets) else 0
         scale = float(pool_lr_scale) if layer is not None else 1.0
-        decay = p.dim() >= 2
+        # ZeRO-3 under zero.Init leaves a partitioned parameter's data empty (1-D): its
+        # shape is ds_shape
+        decay = len(getattr(p, "ds_shape", p.shape)) >= 2
         g = groups.setdefault((offset, -scale, not decay), {
             "params": [], "weight_decay": weight_decay if decay else 0.0,
             "step_offset": offset, "lr_scale": scale, "pool_layers": []})
