@@ -13,6 +13,9 @@
   ends the process with one line naming the rank and the phase. A stop signal during a step
   that hangs (no progress for ``HANG_SIGNAL_S`` or 10x the longest phase so far) aborts at
   once; a long save, evaluation or expansion is let finish.
+- Pauses. A stopped process (SIGSTOP, ``scontrol suspend``, a frozen VM) makes no progress by
+  design: a poll that wakes more than ``PAUSE_GAP_S`` late moves the hang clock forward by the
+  time slept, so a job resumed after a long suspension goes on instead of exiting as hung.
 Imports nothing heavy; exits with ``EXIT_ORPHAN`` / ``EXIT_HANG``."""
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ EXIT_HANG = 5
 PARENT_POLL_S = 1.0
 ORPHAN_GRACE_S = 2.0
 HANG_SIGNAL_S = 60.0
+PAUSE_GAP_S = 30.0   # a poll this much later than asked: the process was stopped, not hung
 
 # "phase" None: start-up (imports, process groups, data index builds, engine build, checkpoint
 # load), which can legitimately take long on one rank while the others wait; only the process
@@ -86,9 +90,21 @@ def exit_orphaned() -> None:
     os._exit(EXIT_ORPHAN)
 
 
+def skip_pause(slept: float) -> None:
+    """The poll loop slept ``slept`` seconds for ``PARENT_POLL_S``: beyond ``PAUSE_GAP_S``
+    more, the whole process was stopped, and that time does not count as waiting."""
+    if slept > PARENT_POLL_S + PAUSE_GAP_S:
+        with _lock:
+            _state["since"] = min(_state["since"] + slept - PARENT_POLL_S, time.monotonic())
+
+
 def _loop() -> None:
+    last = time.monotonic()
     while True:
         time.sleep(PARENT_POLL_S)
+        now = time.monotonic()
+        skip_pause(now - last)
+        last = now
         if orphaned():
             time.sleep(ORPHAN_GRACE_S)   # let a launcher's own shutdown signal arrive first
             exit_orphaned()
