@@ -60,31 +60,19 @@ def is_fragment_index(index: dict) -> bool:
     return index.get("format") == FORMAT
 
 
-class FragmentReader:
-    """One checkpoint's fragments, read by canonical name. ``bytes_read`` counts the bytes
-    read from each file (a test checks that a rank reads only what it owns)."""
+class IndexedParams:
+    """What every checkpoint reader knows from its ``index.json``: the parameters by canonical
+    name, their full shapes (checked positive), the optimizer step, the vocabulary size."""
 
-    def __init__(self, params_dir: str, index: dict):
-        self.dir, self.index = params_dir, index
-        self.index_path = os.path.join(params_dir, INDEX)
-        try:
-            self.params = index["params"]
-            self.optimizer_step = int(index["optimizer_step"])
-            self.vocab_size = index.get("vocab_size")
-            self.frags = {name: [Fragment(*row) for row in rows]
-                          for name, rows in index["fragments"].items()}
-            for name, meta in self.params.items():
-                if not all(isinstance(n, int) and n > 0 for n in meta["shape"]):
-                    raise ValueError(f"{name}: shape {meta['shape']}")
-                if name not in self.frags:
-                    raise ValueError(f"{name}: no fragments")
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{self.index_path} is unreadable ({type(e).__name__}: {e}); the "
-                              f"checkpoint is incomplete or corrupt: use an older tag") from None
-        self.bytes_read: Counter = Counter()
-        self._fds: dict[str, int] = {}
+    def _read_index(self, index: dict) -> None:
+        """Raises ValueError/KeyError/TypeError on a malformed index (the caller names it)."""
+        self.params = index["params"]
+        self.optimizer_step = int(index["optimizer_step"])
+        self.vocab_size = index.get("vocab_size")
+        for name, meta in self.params.items():
+            if not all(isinstance(n, int) and n > 0 for n in meta["shape"]):
+                raise ValueError(f"{name}: shape {meta['shape']}")
 
-    # ------------------------------------------------------------------ metadata
     @property
     def names(self) -> list[str]:
         return list(self.params)
@@ -98,6 +86,28 @@ class FragmentReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.meta(name)["shape"])
 
+
+class FragmentReader(IndexedParams):
+    """One checkpoint's fragments, read by canonical name. ``bytes_read`` counts the bytes
+    read from each file (a test checks that a rank reads only what it owns)."""
+
+    def __init__(self, params_dir: str, index: dict):
+        self.dir, self.index = params_dir, index
+        self.index_path = os.path.join(params_dir, INDEX)
+        try:
+            self._read_index(index)
+            self.frags = {name: [Fragment(*row) for row in rows]
+                          for name, rows in index["fragments"].items()}
+            for name in self.params:
+                if name not in self.frags:
+                    raise ValueError(f"{name}: no fragments")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{self.index_path} is unreadable ({type(e).__name__}: {e}); the "
+                              f"checkpoint is incomplete or corrupt: use an older tag") from None
+        self.bytes_read: Counter = Counter()
+        self._fds: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ metadata
     def vocab_rows(self, name: str) -> bool:
         return bool(self.meta(name).get("vocab_rows"))
 

@@ -27,6 +27,7 @@ import socket
 import time
 
 from apollo_ds.config import ConfigError
+from apollo_ds.param_store import IndexedParams
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -410,7 +411,7 @@ def param_reader(tag_dir: str):
     return ParamReader(tag_dir)
 
 
-class ParamReader:
+class ParamReader(IndexedParams):
     """One checkpoint's layout-free state, read one parameter at a time by canonical name:
     ``read(name)`` gives its fp32 master and Adam moments, in full or as one tensor-parallel
     slice (and/or a flat range of it), memory-mapped. Every tensor is checked against the shape
@@ -424,28 +425,10 @@ class ParamReader:
         try:
             with open(index) as f:
                 self.index = json.load(f)
-            self.params = self.index["params"]
-            self.optimizer_step = int(self.index["optimizer_step"])
-            self.vocab_size = self.index.get("vocab_size")
-            for name, meta in self.params.items():
-                if not all(isinstance(n, int) and n > 0 for n in meta["shape"]):
-                    raise ValueError(f"{name}: shape {meta['shape']}")
+            self._read_index(self.index)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{index} is unreadable ({type(e).__name__}: {e}); the "
                               f"checkpoint is incomplete or corrupt: use an older tag") from None
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.params)
-
-    def meta(self, name: str) -> dict:
-        if name not in self.params:
-            raise ConfigError(f"{self.dir} holds no parameter {name!r}: it was written by "
-                              f"another model")
-        return self.params[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.meta(name)["shape"])
 
     def vocab_rows(self, name: str) -> bool:
         return bool(self.meta(name).get("vocab_rows", name.endswith("word_embeddings.weight")))
