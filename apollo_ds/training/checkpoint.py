@@ -79,13 +79,12 @@ def _timed(name: str, t0: float) -> float:
     return now
 
 
-def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
-         write_extra=None) -> str:
-    """``write_extra(tag_dir)`` (collective: the model and optimizer state, portable.write;
+def save(ckpt_dir: str, run_state: dict, rank: int, write_state, keep: int = 0) -> str:
+    """``write_state(tag_dir)`` (collective: the model and optimizer state, portable.write;
     it returns {relative path: (size, sha256)} of the files this rank wrote and fsynced), then
     run_state.json, manifest.json (from the ranks' checksums, nothing re-read) and
-    ``latest``, in that order. ``engine`` is unused: DeepSpeed's own files are not written
-    (the fragments are the one copy, read back by every resume)."""
+    ``latest``, in that order. DeepSpeed's own files are not written (the fragments are the
+    one copy, read back by every resume)."""
     tag = rundir.tag_for(run_state["step"])
     tag_dir = os.path.join(ckpt_dir, tag)
     _, world = _world()
@@ -102,7 +101,7 @@ def save(engine, ckpt_dir: str, run_state: dict, rank: int, keep: int = 0,
 
     def state_files():
         os.makedirs(tag_dir, exist_ok=True)
-        out = write_extra(tag_dir) if write_extra is not None else {}
+        out = write_state(tag_dir)
         faults.disk_full(run_state["step"], tag_dir)   # test-only: a full disk mid-save
         return out
     known = dict(_phase(state_files) or {})

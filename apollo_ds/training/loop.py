@@ -290,10 +290,9 @@ class Trainer:
                             self.dist.rank == 0)
         try:
             checkpoint.save(
-                self.engine, self.ckpt_dir, self._run_state(), self.dist.rank,
-                keep=self.cfg.train.keep_checkpoints,
-                write_extra=lambda tag_dir: portable.write(self.runtime, tag_dir,
-                                                           self.cfg.model.vocab_size))
+                self.ckpt_dir, self._run_state(), self.dist.rank,
+                lambda tag_dir: portable.write(self.runtime, tag_dir, self.cfg.model.vocab_size),
+                keep=self.cfg.train.keep_checkpoints)
         except OSError as e:
             # WriteError: raised on every rank together; only the failing ranks say why
             agreed = isinstance(e, checkpoint.WriteError)

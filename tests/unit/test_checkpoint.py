@@ -27,8 +27,7 @@ def write_state(tag_dir):
 
 
 def save(tmp_path, step, keep=0):
-    return ck.save(None, str(tmp_path), {"step": step, "n_unique": 1}, 0, keep=keep,
-                   write_extra=write_state)
+    return ck.save(str(tmp_path), {"step": step, "n_unique": 1}, 0, write_state, keep=keep)
 
 
 def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
