@@ -109,8 +109,10 @@ def _loop() -> None:
             time.sleep(ORPHAN_GRACE_S)   # let a launcher's own shutdown signal arrive first
             exit_orphaned()
         with _lock:
+            # measured at `now`, the time the pause check used: a stop that lands after it is
+            # seen by the next poll, never counted here as waiting
             timeout, phase = _state["timeout_s"], _state["phase"]
-            waited = time.monotonic() - _state["since"]
+            waited = now - _state["since"]
         if phase is not None and timeout is not None and waited > timeout:
             _say(f"no progress in {phase} for {waited / 60:.1f} min (train.dist_timeout_minutes="
                  f"{timeout / 60:g}): a peer died or hangs; exiting. The newest complete "
