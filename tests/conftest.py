@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.forkserver import Client
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CACHED_CORPUS = REPO / ".cache" / "apollo_ds" / "data" / "corpus.txt"
@@ -145,12 +147,24 @@ def write_config(path: Path, corpus: Corpus, **sections) -> Path:
     return path
 
 
-def torchrun(nproc: int, script: str, args: list[str], timeout=900) -> subprocess.CompletedProcess:
+_FORKSERVER = Client(PY, str(REPO))
+
+
+def torchrun(nproc: int, script: str, args: list[str], timeout=900,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """``nproc`` ranks of ``script`` on this node, started as torchrun starts them, by this
+    worker's fork server (tests/forkserver.py: the imports are paid once, not per rank), or by
+    torchrun itself when APOLLO_TEST_LAUNCHER=torchrun or the server cannot serve."""
+    port = free_port()
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+                    OMP_NUM_THREADS="1", **(env or {}))
+    r = _FORKSERVER.launch(nproc, script, args, full_env, str(REPO), port, timeout)
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), script, *args]
-    r = run(cmd, timeout=timeout)
+           "--master_port", str(port), script, *args]
+    if r is None:
+        r = run(cmd, env=env, timeout=timeout)
     if r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n"
+        raise AssertionError(f"{' '.join(r.args)} failed ({r.returncode}):\n"
                              f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
 

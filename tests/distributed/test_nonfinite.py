@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from tests.conftest import PY, free_port, run, write_config
+from tests.conftest import torchrun, write_config
 
 FAULT = "nan_grad@step=2@rank=1,nan_loss@step=4@rank={loss_rank}"
 PP1 = ["zero0_fp32", "zero1_bf16", "zero2_fp32", "zero3_bf16"]   # basic, BF16, ZeRO 1/2, ZeRO 3
@@ -27,11 +27,8 @@ def test_skip_leaves_state_untouched(pp, configs, corpus, tmp_path):
     ds = ",".join(f"ds_configs/{c}.json" for c in configs)
     # at pp=2 rank 1 is the last stage, the only one that computes a loss
     env = {"APOLLO_DS_FAULT": FAULT.format(loss_rank=1 if pp == 2 else 0)}
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "tests/distributed/workers/nonfinite_check.py", "--config",
-           str(cfg), "--out", str(out), "--ds", ds]
-    r = run(cmd, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    r = torchrun(2, "tests/distributed/workers/nonfinite_check.py",
+                 ["--config", str(cfg), "--out", str(out), "--ds", ds], env=env)
     depths = [2] * (8 // (2 * (2 // pp)))   # full depth per micro-batch: 8 / (2 x dp)
     assert f"warning: non-finite gradient norm nan at step 2 (depths {depths}, samples " \
            f"8..15): step skipped (1 in a row, train.max_skipped=10)" in r.stdout
