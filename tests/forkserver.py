@@ -19,6 +19,7 @@ Run: python -m tests.forkserver SOCKET_PATH (the client in tests/conftest.py doe
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -136,6 +137,8 @@ def _launch(req: dict, conn: socket.socket) -> int:
 def serve(path: str) -> None:
     parent = os.getppid()
     preload()
+    gc.collect()
+    gc.freeze()   # the imports' objects: never collected, so forks keep sharing their pages
     if _threads() != 1:   # forking a process with other threads running is unsafe
         print(f"forkserver: {_threads()} threads after the imports; not serving",
               file=sys.stderr)

@@ -15,8 +15,8 @@ import transformers
 import yaml
 
 from apollo_ds.training.run_log import LOG, RESOLVED
-from tests.conftest import PY, REPO, read_metrics, run
-from tests.e2e.helpers import PRETRAIN, check_ok, launch, tiny_config, torchrun_cmd
+from tests.conftest import PY, REPO, pretrain, read_metrics, run
+from tests.e2e.helpers import PRETRAIN, tiny_config
 
 STEP = re.compile(r"^step\s+\d+/\d+ \|.*\| (\d\d:\d\d:\d\d) \| elapsed (\d+:\d\d:\d\d) \| "
                   r"ETA (\d+:\d\d:\d\d)$", re.M)
@@ -31,7 +31,7 @@ def two_steps(corpus, tmp_path_factory):
     (tmp / "ds.json").write_text(json.dumps(ds))
     cfg = tiny_config(tmp / "run.yaml", corpus, steps=2, eval_interval=1,
                       deepspeed_config=str(tmp / "ds.json"))
-    r = check_ok(launch(torchrun_cmd(cfg, tmp / "run", nproc=1)), "2-step run")
+    r = pretrain(1, cfg, f"train.out_dir={tmp / 'run'}")
     return tmp / "run", r
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.helpers import (REPO, VENV_BIN, assert_same_losses, check_ok, launch, run_state,
-                               tiny_config, torchrun_cmd, train_losses)
+from tests.conftest import pretrain
+from tests.e2e.helpers import (REPO, VENV_BIN, assert_same_losses, run_state, tiny_config,
+                               train_losses)
 
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 JOB_SCRIPT = "slurm/pretrain_gpt.sh"
@@ -131,7 +132,7 @@ def _torchrun(tiny, name: str, *overrides: str, nproc: int):
     d, cfg = tiny
     out = d / name
     t0 = time.perf_counter()
-    check_ok(launch(torchrun_cmd(cfg, out, *overrides, nproc=nproc)), f"torchrun {name}")
+    pretrain(nproc, cfg, f"train.out_dir={out}", *overrides)
     print(f"torchrun {name} ({nproc} processes {' '.join(overrides)}): "
           f"{time.perf_counter() - t0:.1f}s")
     return train_losses(out)
