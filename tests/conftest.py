@@ -63,11 +63,13 @@ def run(cmd: list[str], cwd=REPO, env=None, timeout=900) -> subprocess.Completed
 # `make test` runs on pytest-xdist workers with --dist loadfile: each file runs whole on one
 # worker (its module-scoped reference runs happen once), files handed out in this order as
 # workers free up. The longest files go first, so that the workers end together.
-LONGEST_FIRST = ("tests/distributed/test_training.py", "tests/e2e/test_orphans.py",
-                 "tests/e2e/test_slurm.py", "tests/distributed/test_recompute_matrix.py",
-                 "tests/e2e/test_downstream.py", "tests/e2e/test_kill9.py",
-                 "tests/distributed/test_compile.py", "tests/distributed/test_pipeline.py",
-                 "tests/distributed/test_reshape.py", "tests/e2e/test_launchers.py")
+LONGEST_FIRST = ("tests/e2e/test_orphans.py", "tests/e2e/test_slurm.py",
+                 "tests/distributed/test_recompute_matrix.py", "tests/e2e/test_kill9.py",
+                 "tests/e2e/test_launchers.py", "tests/distributed/test_training.py",
+                 "tests/e2e/test_gpu_check.py", "tests/e2e/test_signals.py",
+                 "tests/distributed/test_reshape.py", "tests/distributed/test_expansion.py",
+                 "tests/e2e/test_generate_export.py", "tests/e2e/test_disk.py",
+                 "tests/distributed/test_pipeline.py", "tests/e2e/test_nonfinite.py")
 
 
 def pytest_collection_modifyitems(config, items):
