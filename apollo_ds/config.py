@@ -169,6 +169,9 @@ class TrainConfig:
                                     # without Apollo)
     rewarmup_steps: int = 0         # >0: after each expansion, ramp the lr linearly from
                                     # schedule/K to the schedule over K steps
+    lr_after_growth: float = 1.0    # after the last expansion the lr's height above min_lr
+                                    # is this times the schedule's (a higher peak for the
+                                    # grown model, still ending at min_lr); 1: unchanged
     # a fresh run starts from these weights (fresh optimizer and lr schedule): a run
     # directory (its newest checkpoint) or a Hugging Face GPT-2/Llama export; a source with
     # fewer layers fills the pool at step 1 by apollo.grow; ignored when out_dir resumes
@@ -454,6 +457,9 @@ def _validate_schedule(cfg: RunConfig, ends: list[int], need) -> None:
     need(t.decay == 0 or t.lr_schedule == "wsd", f"train.decay={t.decay} applies to "
          f"train.lr_schedule=wsd only; set train.lr_schedule=wsd or train.decay=0")
     need(t.rewarmup_steps >= 0, f"train.rewarmup_steps={t.rewarmup_steps} must be >= 0")
+    need(math.isfinite(t.lr_after_growth) and 0 < t.lr_after_growth <= 100,
+         f"train.lr_after_growth={t.lr_after_growth} must be in (0, 100] (1: the schedule "
+         f"unchanged; 2: twice its height above min_lr after the last expansion)")
     expansions = ends[:-1] if cfg.apollo.enabled else []
     if t.lr_schedule == "wsd":
         start, last = wsd_decay_start(cfg), (expansions[-1] if expansions else 0)

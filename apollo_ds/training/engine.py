@@ -182,6 +182,8 @@ def lr_at(step: int, cfg: RunConfig) -> float:
       cosine: cosine decay to train.min_lr at train.steps;
       wsd:    constant train.lr until ``wsd_decay_start``, then linear decay to train.min_lr at
               train.steps (the decay phase follows the last expansion; config.validate);
+    after the last expansion, with train.lr_after_growth = m, min_lr + m * (that - min_lr): a
+    higher (m > 1) peak for the grown model that still ends at min_lr;
     times, for the train.rewarmup_steps = K steps after each expansion at step e, the linear
     re-warmup factor (step - e) / K (1/K on the first step of the new stage, 1 from e + K)."""
     t = cfg.train
@@ -199,9 +201,12 @@ def lr_at(step: int, cfg: RunConfig) -> float:
         span = max(1, t.steps - warm)
         progress = min(1.0, (step - warm) / span)
         lr = t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    expansions = stage_end_steps(cfg)[:-1] if cfg.apollo.enabled else []
+    if t.lr_after_growth != 1.0 and expansions and step > expansions[-1]:
+        lr = t.min_lr + t.lr_after_growth * (lr - t.min_lr)
     k = t.rewarmup_steps
-    if k > 0 and cfg.apollo.enabled:
-        for e in stage_end_steps(cfg)[:-1]:
+    if k > 0:
+        for e in expansions:
             if e < step < e + k:
                 lr *= (step - e) / k
     return lr

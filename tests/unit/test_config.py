@@ -64,6 +64,8 @@ BAD = [
     (["train.lr_schedule=wsd", "train.decay=200"], "outside steps 50..199"),
     (["train.rewarmup_steps=-2"], "train.rewarmup_steps=-2 must be >= 0"),
     (["train.rewarmup_steps=11"], "train.rewarmup_steps=11 is longer than the shortest stage"),
+    (["train.lr_after_growth=0"], "train.lr_after_growth=0.0 must be in (0, 100]"),
+    (["train.lr_after_growth=nan"], "train.lr_after_growth=nan must be in (0, 100]"),
     (["model.arch=bert"], "model.arch='bert' is unknown; choose one of gpt2, llama"),
     (["model.arch=llama", "model.kv_heads=3"], "model.kv_heads=3 must divide model.heads=4"),
     (["model.kv_heads=2"], "grouped-query attention needs model.arch=llama"),

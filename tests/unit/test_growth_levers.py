@@ -146,6 +146,26 @@ def test_rewarmup_after_each_expansion():
     assert lr_at(9, cfg) == lr_at(9, plain) and lr_at(100, cfg) == lr_at(100, plain)
 
 
+def test_lr_after_growth_raises_the_last_stage_and_still_ends_at_min_lr():
+    # tiny_cpu: expansions after steps 10, 20, 50 of 200; cosine after a 5-step warmup
+    base = ("train.warmup=5", "train.lr=1e-3", "train.min_lr=1e-4")
+    cfg, plain = cfg_of("train.lr_after_growth=2", *base), cfg_of(*base)
+    for s in (1, 5, 10, 20, 50):               # up to the last expansion: unchanged
+        assert lr_at(s, cfg) == lr_at(s, plain)
+    for s in (51, 120, 199, 200):              # after it: twice the height above min_lr
+        cosine = 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * (s - 5) / 195))
+        assert lr_at(s, cfg) == pytest.approx(1e-4 + 2 * (cosine - 1e-4))
+    assert lr_at(51, cfg) == pytest.approx(2 * lr_at(51, plain) - 1e-4)
+    assert lr_at(200, cfg) == pytest.approx(1e-4)
+    # with a re-warmup the ramp multiplies the raised schedule
+    both = cfg_of("train.lr_after_growth=2", "train.rewarmup_steps=4", *base)
+    assert lr_at(52, both) == pytest.approx(lr_at(52, cfg) * 2 / 4)
+    # without Apollo there is no growth: the option changes nothing
+    off = cfg_of("apollo.enabled=false", "train.lr_after_growth=2", *base)
+    assert [lr_at(s, off) for s in (60, 150)] == [
+        lr_at(s, cfg_of("apollo.enabled=false", *base)) for s in (60, 150)]
+
+
 def test_update_scale_multipliers():
     # inv_uses: N / E[d]; apollo.md's table for L=12: E[d] = 1.77, 4.23, 7.13 at N = 1, 3, 6
     cfg = cfg_of("model.layers=12", "apollo.stages=[1,3,6,12]", "apollo.update_scale=inv_uses")
