@@ -1,7 +1,8 @@
 """A fork server for the suite's multi-process runs: one process per pytest worker imports
 torch, DeepSpeed, megatron-core and apollo_ds once, then forks the ranks of every launch, as
 torchrun would start them (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT), each running the script as ``__main__``.
+MASTER_PORT), each running the script as ``__main__``. As under the deepspeed launcher, mpirun
+or srun, rank 0 hosts torch.distributed's store on MASTER_PORT (torchrun's agent would).
 
 Why: a rank's interpreter start and imports cost about 4-5 s of CPU, and the torchrun agent
 1.5 s more, for runs of a few tiny steps: most of what the distributed tests spent. What a rank
