@@ -111,7 +111,7 @@ def describe(method: dict) -> dict:
         extra.append(f"update_scale={ap['update_scale']}")
     if ap.get("growth_noise", 0):
         extra.append(f"noise={ap['growth_noise']:g}")
-    for k in ("beta2", "rewarmup_steps"):
+    for k in ("beta2", "rewarmup_steps", "lr_after_growth"):
         if k in tr:
             extra.append(f"{k}={tr[k]}")
     return {"stages": f"{stages} @ {ends}", "sampler": ap.get("sampler", "lvps"),
