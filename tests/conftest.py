@@ -161,10 +161,9 @@ def torchrun(nproc: int, script: str, args: list[str], timeout=900,
     full_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
                     OMP_NUM_THREADS="1", **(env or {}))
     r = _FORKSERVER.launch(nproc, script, args, full_env, str(REPO), port, timeout)
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(port), script, *args]
     if r is None:
-        r = run(cmd, env=env, timeout=timeout)
+        r = run([PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                 "--master_port", str(port), script, *args], env=env, timeout=timeout)
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(r.args)} failed ({r.returncode}):\n"
                              f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}")

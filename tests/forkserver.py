@@ -28,7 +28,6 @@ import runpy
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 
@@ -46,10 +45,6 @@ def preload() -> None:
     import apollo_ds.distributed  # noqa: F401
     import apollo_ds.preflight  # noqa: F401
     import sentencepiece  # noqa: F401
-
-
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
 
 
 def _run_rank(req: dict, rank: int) -> int:
@@ -140,11 +135,10 @@ def serve(path: str) -> None:
     preload()
     gc.collect()
     gc.freeze()   # the imports' objects: never collected, so forks keep sharing their pages
-    if _threads() != 1:   # forking a process with other threads running is unsafe
-        print(f"forkserver: {_threads()} threads after the imports; not serving",
-              file=sys.stderr)
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:   # forking a process with other threads running is unsafe
+        print(f"forkserver: {threads} threads after the imports; not serving", file=sys.stderr)
         sys.exit(3)
-    assert threading.active_count() == 1
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path + ".tmp")
     srv.listen(64)
