@@ -51,12 +51,17 @@ def recipe_lr(store: dict, recipe: str, seed: int) -> tuple[float | None, bool, 
     return best, best not in (lrs[0], lrs[-1]), res
 
 
-def target_ratio(run: dict | None, base: dict) -> float | None:
-    """FLOPs ``run`` spent to reach ``base``'s final eval loss over the FLOPs base spent."""
+def target_ratio(run: dict | None, base: dict, for_good: bool = False) -> float | None:
+    """FLOPs ``run`` spent to reach ``base``'s final eval loss over the FLOPs base spent;
+    ``for_good``: counted from the crossing after which ``run`` stays at or below it (the
+    first crossing flatters a curve that runs flat along the target)."""
     if run is None:
         return None
-    target = base["curve"][-1]["eval_loss"]
-    hit, ref = ar.first_reach(run["curve"], target), ar.first_reach(base["curve"], target)
+    target, curve = base["curve"][-1]["eval_loss"], run["curve"]
+    if for_good:
+        above = [i for i, c in enumerate(curve) if c["eval_loss"] > target]
+        curve = curve[above[-1]:] if above else curve
+    hit, ref = ar.first_reach(curve, target), ar.first_reach(base["curve"], target)
     return hit["flops"] / ref["flops"] if hit else None
 
 
@@ -80,12 +85,28 @@ def horizon_point(store: dict, recipe: str) -> dict | None:
         ratio, src = target_ratio(r, base), "steps"
         if ratio is None and eq is not None:
             ratio, src = target_ratio(eq, base), "flops"
+        good = target_ratio(r if src == "steps" else eq, base, for_good=True)
         bf = base["final_eval_loss"]
         pt["seeds"].append({"seed": r["seed"], "ratio": ratio, "from": src if ratio else None,
+                            "ratio_for_good": good,
                             "gap_steps": r["final_eval_loss"] - bf,
                             "gap_flops": eq["final_eval_loss"] - bf if eq else None,
-                            "scratch_final": bf})
+                            "scratch_final": bf, **after_growth(r, base)})
     return pt
+
+
+def after_growth(run: dict, base: dict) -> dict:
+    """Where the saving comes from: the run's FLOPs over scratch's at equal steps, and its eval
+    loss minus scratch's at the same steps, at the first eval after the last growth and on
+    average over the evals after it (both curves evaluate at the same steps)."""
+    ends = run["config"]["apollo"].get("stage_ends") or [0.0]
+    grown = ends[-1] * run["steps"] if ends[-1] < 1 else ends[-1]
+    at = {c["step"]: c["eval_loss"] for c in base["curve"]}
+    gaps = [c["eval_loss"] - at[c["step"]] for c in run["curve"]
+            if c["step"] > grown and c["step"] in at]
+    return {"flops_share": run["total_flops"] / base["total_flops"],
+            "gap_first_after": gaps[0] if gaps else None,
+            "gap_mean_after": statistics.fmean(gaps) if gaps else None}
 
 
 def fit(points: list[dict]) -> dict | None:
@@ -123,6 +144,7 @@ def lever_rows(store: dict, recipe: str) -> list[dict]:
                         "vs_recipe": r["final_eval_loss"] - mine["final_eval_loss"]
                         if mine else None,
                         "ratio": target_ratio(r, base) if base else None,
+                        "ratio_for_good": target_ratio(r, base, True) if base else None,
                         "flops_total": r["total_flops"] / base["total_flops"] if base else None})
         rows.append({"method": method, "lr": lr, "per_seed": per,
                      "extra": am.describe({"apollo": rs[0]["config"]["apollo"],
@@ -134,19 +156,28 @@ def _f(x, fmt="{:+.3f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _reach(p: dict) -> str:
+    if not p["ratio"]:
+        return "not reached"
+    later = p["ratio_for_good"] and p["ratio_for_good"] - p["ratio"] >= 0.005
+    return f"{p['ratio']:.2f}x" + (f" ({p['ratio_for_good']:.2f}x for good)" if later else "")
+
+
 def markdown(points: list[dict], tr: dict | None, levers: list[dict], recipe: str) -> str:
     out = [f"Recipe `{recipe}` against tuned scratch, per horizon (8 x 96):", "",
            "| steps | scratch LR (sweep) | recipe LR (sweep, seed 1234) | seeds | gap at equal "
-           "steps | gap at equal FLOPs | FLOPs to scratch's final loss / scratch's (per seed) "
-           "| mean (min..max) |", "|---|---|---|---|---|---|---|---|"]
+           "steps | gap at equal FLOPs | FLOPs to scratch's final loss / scratch's (per seed; "
+           "first crossing, and from where it stays below when later) | mean (min..max) |", "|---|---|---|---|---|---|---|---|"]
     for p in points:
         sws = ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(p["scratch_sweep"].items()))
         rws = ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(p["recipe_sweep"].items()))
         ss = p["seeds"]
         rs = [s["ratio"] for s in ss if s["ratio"] is not None]
-        per = ", ".join(f"{s['seed']}: " + (f"{s['ratio']:.2f}" + (" (eq. FLOPs run)"
-                        if s["from"] == "flops" else "") if s["ratio"] else "not reached")
-                        for s in ss)
+        per = ", ".join(f"{s['seed']}: " + (f"{s['ratio']:.2f}" + (
+            f" ({s['ratio_for_good']:.2f} for good)" if s["ratio_for_good"] and abs(
+                s["ratio_for_good"] - s["ratio"]) >= 0.005 else "")
+            + (" (eq. FLOPs run)" if s["from"] == "flops" else "") if s["ratio"]
+            else "not reached") for s in ss)
         mm = (f"{statistics.fmean(rs):.2f} ({min(rs):.2f}..{max(rs):.2f})"
               if len(rs) == len(ss) and rs else "-")
         out.append(
@@ -156,6 +187,16 @@ def markdown(points: list[dict], tr: dict | None, levers: list[dict], recipe: st
             + f" | {','.join(str(s['seed']) for s in ss) or '-'} | "
             f"{', '.join(_f(s['gap_steps']) for s in ss) or '-'} | "
             f"{', '.join(_f(s['gap_flops']) for s in ss) or '-'} | {per or '-'} | {mm} |")
+    out += ["", "Where the saving comes from: the recipe's FLOPs / scratch's at equal steps, and its "
+            "eval loss minus tuned scratch's at the same step, at the first eval after the "
+            "growth and averaged over every eval after it.", "",
+            "| steps | seed | FLOPs at equal steps | gap, first eval after growth | mean gap "
+            "after growth | final gap |", "|---|---|---|---|---|---|"]
+    for p in points:
+        for s in p["seeds"]:
+            out.append(f"| {p['steps']} | {s['seed']} | {s['flops_share']:.2f}x | "
+                       f"{_f(s['gap_first_after'])} | {_f(s['gap_mean_after'])} | "
+                       f"{_f(s['gap_steps'])} |")
     if tr:
         out += ["", f"Trend (OLS over {tr['n']} seed points): ratio = {tr['a']:.3f} + "
                 f"{tr['b']:.3f} (+- {tr['b_se']:.3f} s.e.) x log2(steps / 400)."]
@@ -172,8 +213,7 @@ def markdown(points: list[dict], tr: dict | None, levers: list[dict], recipe: st
                 f"{e['schedule']} | {r['lr']:g} | {','.join(str(p['seed']) for p in ps)} | "
                 f"{', '.join(_f(p['vs_recipe']) for p in ps)} | "
                 f"{_f(ps[0]['flops_total'], '{:.2f}x')} | "
-                + ", ".join(_f(p["ratio"], "{:.2f}x") if p["ratio"] else "not reached"
-                            for p in ps) + " |")
+                + ", ".join(_reach(p) for p in ps) + " |")
     return "\n".join(out) + "\n"
 
 
