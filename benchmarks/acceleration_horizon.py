@@ -89,6 +89,7 @@ def horizon_point(store: dict, recipe: str) -> dict | None:
         bf = base["final_eval_loss"]
         pt["seeds"].append({"seed": r["seed"], "ratio": ratio, "from": src if ratio else None,
                             "ratio_for_good": good,
+                            "ratio_eq_flops": target_ratio(eq, base) if src == "steps" else None,
                             "gap_steps": r["final_eval_loss"] - bf,
                             "gap_flops": eq["final_eval_loss"] - bf if eq else None,
                             "scratch_final": bf, **after_growth(r, base)})
@@ -176,8 +177,9 @@ def markdown(points: list[dict], tr: dict | None, levers: list[dict], recipe: st
         per = ", ".join(f"{s['seed']}: " + (f"{s['ratio']:.2f}" + (
             f" ({s['ratio_for_good']:.2f} for good)" if s["ratio_for_good"] and abs(
                 s["ratio_for_good"] - s["ratio"]) >= 0.005 else "")
-            + (" (eq. FLOPs run)" if s["from"] == "flops" else "") if s["ratio"]
-            else "not reached") for s in ss)
+            + (" (eq. FLOPs run)" if s["from"] == "flops" else "")
+            + (f" (eq. FLOPs run: {s['ratio_eq_flops']:.2f})" if s["ratio_eq_flops"] else "")
+            if s["ratio"] else "not reached") for s in ss)
         mm = (f"{statistics.fmean(rs):.2f} ({min(rs):.2f}..{max(rs):.2f})"
               if len(rs) == len(ss) and rs else "-")
         out.append(

@@ -63,6 +63,18 @@ def test_horizon_point_uses_the_equal_flops_run_when_equal_steps_never_reaches()
     assert s["ratio"] == pytest.approx(280 / 400)
     assert s["gap_steps"] == pytest.approx(0.1)
     assert s["gap_flops"] == pytest.approx(-0.1)
+    assert s["ratio_eq_flops"] is None                 # it is already the ratio
+
+
+def test_horizon_point_prefers_equal_steps_and_reports_the_equal_flops_run_beside_it():
+    base = run("scratch", [6.0, 5.0, 4.5, 4.0], 100.0)
+    steps_run = run("rec", [7.0, 6.0, 4.2, 3.95], 60.0)               # 4.0 at 230 FLOPs
+    flops_run = run("rec", [7.0, 5.0, 4.0, 3.9, 3.8], 60.0, mode="flops")  # 4.0 at 180
+    (s,) = ah.horizon_point(store_of(base, steps_run, flops_run), "rec")["seeds"]
+    assert s["from"] == "steps"
+    # between (180, 4.2) and (240, 3.95): 0.2 / 0.25 of the way -> 228
+    assert s["ratio"] == pytest.approx(228 / 400)
+    assert s["ratio_eq_flops"] == pytest.approx(180 / 400)
 
 
 def test_fit_matches_an_independent_least_squares():
