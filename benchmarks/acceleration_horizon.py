@@ -31,6 +31,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 import acceleration_methods as am  # noqa: E402
 import acceleration_report as ar  # noqa: E402
+from apollo_ds.config import RunConfig, stage_end_steps  # noqa: E402
 
 RES = os.path.join(HERE, "results")
 DEFAULT = [os.path.join(RES, f"acceleration_long_n{n}.json") for n in (400, 800, 1600)] + [
@@ -100,8 +101,11 @@ def after_growth(run: dict, base: dict) -> dict:
     """Where the saving comes from: the run's FLOPs over scratch's at equal steps, and its eval
     loss minus scratch's at the same steps, at the first eval after the last growth and on
     average over the evals after it (both curves evaluate at the same steps)."""
-    ends = run["config"]["apollo"].get("stage_ends") or [0.0]
-    grown = ends[-1] * run["steps"] if ends[-1] < 1 else ends[-1]
+    cfg = RunConfig()            # the trainer's own rule for where the stages end
+    cfg.apollo.stage_ends = run["config"]["apollo"].get("stage_ends", [])
+    cfg.train.steps = run["steps"]
+    ends = stage_end_steps(cfg)
+    grown = ends[-2] if len(ends) > 1 else 0
     at = {c["step"]: c["eval_loss"] for c in base["curve"]}
     gaps = [c["eval_loss"] - at[c["step"]] for c in run["curve"]
             if c["step"] > grown and c["step"] in at]
@@ -157,29 +161,31 @@ def _f(x, fmt="{:+.3f}"):
     return "-" if x is None else fmt.format(x)
 
 
-def _reach(p: dict) -> str:
+def _reach(p: dict, unit: str = "x") -> str:
+    """A ratio, and the one counted from where the curve stays below when that is later."""
     if not p["ratio"]:
         return "not reached"
     later = p["ratio_for_good"] and p["ratio_for_good"] - p["ratio"] >= 0.005
-    return f"{p['ratio']:.2f}x" + (f" ({p['ratio_for_good']:.2f}x for good)" if later else "")
+    return (f"{p['ratio']:.2f}{unit}"
+            + (f" ({p['ratio_for_good']:.2f}{unit} for good)" if later else ""))
 
 
 def markdown(points: list[dict], tr: dict | None, levers: list[dict], recipe: str) -> str:
     out = [f"Recipe `{recipe}` against tuned scratch, per horizon (8 x 96):", "",
            "| steps | scratch LR (sweep) | recipe LR (sweep, seed 1234) | seeds | gap at equal "
            "steps | gap at equal FLOPs | FLOPs to scratch's final loss / scratch's (per seed; "
-           "first crossing, and from where it stays below when later) | mean (min..max) |", "|---|---|---|---|---|---|---|---|"]
+           "first crossing, and from where it stays below when later) | mean (min..max) |",
+           "|---|---|---|---|---|---|---|---|"]
     for p in points:
         sws = ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(p["scratch_sweep"].items()))
         rws = ", ".join(f"{k:g}: {v:.3f}" for k, v in sorted(p["recipe_sweep"].items()))
         ss = p["seeds"]
         rs = [s["ratio"] for s in ss if s["ratio"] is not None]
-        per = ", ".join(f"{s['seed']}: " + (f"{s['ratio']:.2f}" + (
-            f" ({s['ratio_for_good']:.2f} for good)" if s["ratio_for_good"] and abs(
-                s["ratio_for_good"] - s["ratio"]) >= 0.005 else "")
+        per = ", ".join(
+            f"{s['seed']}: {_reach(s, '')}"
             + (" (eq. FLOPs run)" if s["from"] == "flops" else "")
             + (f" (eq. FLOPs run: {s['ratio_eq_flops']:.2f})" if s["ratio_eq_flops"] else "")
-            if s["ratio"] else "not reached") for s in ss)
+            for s in ss)
         mm = (f"{statistics.fmean(rs):.2f} ({min(rs):.2f}..{max(rs):.2f})"
               if len(rs) == len(ss) and rs else "-")
         out.append(
@@ -189,8 +195,8 @@ def markdown(points: list[dict], tr: dict | None, levers: list[dict], recipe: st
             + f" | {','.join(str(s['seed']) for s in ss) or '-'} | "
             f"{', '.join(_f(s['gap_steps']) for s in ss) or '-'} | "
             f"{', '.join(_f(s['gap_flops']) for s in ss) or '-'} | {per or '-'} | {mm} |")
-    out += ["", "Where the saving comes from: the recipe's FLOPs / scratch's at equal steps, and its "
-            "eval loss minus tuned scratch's at the same step, at the first eval after the "
+    out += ["", "Where the saving comes from: the recipe's FLOPs / scratch's at equal steps, and "
+            "its eval loss minus tuned scratch's at the same step, at the first eval after the "
             "growth and averaged over every eval after it.", "",
             "| steps | seed | FLOPs at equal steps | gap, first eval after growth | mean gap "
             "after growth | final gap |", "|---|---|---|---|---|---|"]
